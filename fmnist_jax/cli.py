@@ -1,0 +1,51 @@
+"""Shared command-line plumbing: absl flag parsing whose mistakes become one-line errors."""
+
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import logging
+from absl import flags
+
+from fmnist_jax.errors import UserError, exit_on_user_error
+
+
+def _describe(error: Exception, argv: Sequence[str]) -> str:
+  """Rewrites flag and config-file errors (often multi-line) as one actionable sentence."""
+  text = ' '.join(str(error).split())
+  if isinstance(error, flags.Error):
+    return f'{text}. See --helpfull for the flags.'
+  if isinstance(error, AttributeError) and 'get_config' in text:
+    return 'the --config file has no get_config() function; start from configs/base.py.'
+  if isinstance(error, AttributeError):  # ml_collections: unknown override key.
+    key = text.split("'")[1] if text.count("'") >= 2 else text
+    hint = text[text.find('Did you mean'):] if 'Did you mean' in text else (
+        'see configs/base.py for the fields.')
+    return f'unknown config field {key!r} in a --config.* override; {hint}'
+  if isinstance(error, OSError) and 'No such file' in text:
+    return (f'config file not found ({text.split("Attempted")[-1].strip()}); pass an existing '
+            'file, e.g. --config configs/base.py.')
+  return f'could not load the --config file: {text}'
+
+
+def parse_flags(argv: Sequence[str], config_flags_to_load: Sequence[str] = ()) -> list[str]:
+  """Parses flags; turns every flag or config error into a UserError."""
+  try:
+    rest = flags.FLAGS(argv)
+    for name in config_flags_to_load:
+      if flags.FLAGS[name].value is None:
+        raise UserError(f'--{name} is required, e.g. --{name} configs/base.py.')
+    return rest
+  except UserError:
+    raise
+  except (flags.Error, AttributeError, OSError, ImportError, SyntaxError, ValueError,
+          TypeError, KeyError) as e:
+    raise UserError(_describe(e, argv)) from None
+
+
+def run(main: Callable[[list[str]], None], config_flags_to_load: Sequence[str] = ()) -> None:
+  """absl's app.run with one-line errors (UserError) instead of tracebacks."""
+  logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file operation at INFO.
+  with exit_on_user_error():
+    app.run(main, argv=sys.argv,
+            flags_parser=lambda argv: parse_flags(argv, config_flags_to_load))

@@ -1,0 +1,37 @@
+"""User-facing errors: one line naming the problem and the fix, a non-zero exit, no traceback."""
+
+import contextlib
+import sys
+
+
+class UserError(Exception):
+  """A mistake the user can fix (bad flag, missing data, unusable workdir).
+
+  The CLIs print `error: <message>` on one line and exit with `exit_code`; programming errors
+  keep their tracebacks.
+  """
+
+  exit_code = 2
+
+
+class DivergenceError(UserError):
+  """Training produced a non-finite loss or gradient."""
+
+  exit_code = 3
+
+
+class Interrupted(UserError):
+  """SIGTERM or SIGINT arrived; a checkpoint was saved and the run can be resumed."""
+
+  exit_code = 130
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+  """Turns a UserError raised inside the block into a one-line message and SystemExit."""
+  try:
+    yield
+  except UserError as e:
+    message = ' '.join(str(e).split())  # One line, whatever the message's layout.
+    print(f'error: {message}', file=sys.stderr, flush=True)
+    raise SystemExit(e.exit_code) from None
