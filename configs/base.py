@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Folder with the four IDX .gz files for offline preparation; '' = $FMNIST_JAX_MANUAL_DIR, then
   # Debian's /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist).
   config.data.manual_dir = ''
+  config.data.download = True  # Without local IDX files, let tfds download (needs a network).
   config.data.shuffle_buffer = 60_000  # tfds input mode: tf.data shuffle buffer (full shuffle).
 
   # Model (fmnist_jax/model.py).
@@ -50,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 'tfds': the classic tf.data stream with one jitted step per batch.
   config.input_mode = 'device'
   config.chunk_steps = 0  # device mode: steps fused per compiled call; 0 = a whole epoch.
+  config.scan_unroll = 4  # device mode: steps per loop iteration in the compiled scan (~8% faster).
   config.compute_dtype = 'float32'  # 'bfloat16' computes in bf16, keeps f32 params and Adam state.
   config.num_models = 1  # >1 trains that many independent models at once with jax.vmap.
   config.learning_rates = ()  # With num_models > 1: one learning rate per model; () = all equal.

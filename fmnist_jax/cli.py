@@ -1,5 +1,6 @@
 """Shared command-line plumbing: absl flag parsing whose mistakes become one-line errors."""
 
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -18,8 +19,9 @@ def _describe(error: Exception, argv: Sequence[str]) -> str:
   if isinstance(error, AttributeError) and 'get_config' in text:
     return 'the --config file has no get_config() function; start from configs/base.py.'
   if isinstance(error, AttributeError):  # ml_collections: unknown override key.
-    key = text.split("'")[1] if text.count("'") >= 2 else text
-    hint = text[text.find('Did you mean'):] if 'Did you mean' in text else (
+    match = re.search(r"[A-Za-z_][A-Za-z0-9_.]*", text)
+    key = match.group(0) if match else text
+    hint = text[text.find('Did you mean'):].rstrip("'\"") if 'Did you mean' in text else (
         'see configs/base.py for the fields.')
     return f'unknown config field {key!r} in a --config.* override; {hint}'
   if isinstance(error, OSError) and 'No such file' in text:
@@ -33,8 +35,10 @@ def parse_flags(argv: Sequence[str], config_flags_to_load: Sequence[str] = ()) -
   try:
     rest = flags.FLAGS(argv)
     for name in config_flags_to_load:
-      if flags.FLAGS[name].value is None:
+      value = flags.FLAGS[name].value
+      if value is None:
         raise UserError(f'--{name} is required, e.g. --{name} configs/base.py.')
+      value.to_dict()  # A config file that failed to load raises only when first used.
     return rest
   except UserError:
     raise

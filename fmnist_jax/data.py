@@ -196,15 +196,18 @@ class _LocalFiles:
 def _prepare(builder, data_config, verbose: bool) -> None:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   source = manual_dir(data_config)
+  if source is None and not data_config.download:
+    raise DataError(f'Fashion-MNIST not found in {data_dir(data_config)} nor as local IDX files, '
+                    f'and data.download is off; {HOW_TO_GET}.')
   if source is None:
     if verbose:
       print(f'No local IDX files; asking tfds to download {DATASET}.', flush=True)
     try:
       builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except
-      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-      raise DataError(f'Fashion-MNIST not found and tfds could not download it ({first_line}); '
-                      f'{HOW_TO_GET}.') from None
+      cause = ' '.join(str(e).split())[:120]
+      raise DataError(f'Fashion-MNIST not found locally and tfds could not download it '
+                      f'({type(e).__name__}: {cause}); {HOW_TO_GET}.') from None
     return
   if verbose:
     print(f'Preparing tfds {DATASET} {builder.version} from {source}.', flush=True)

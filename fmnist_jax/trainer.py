@@ -140,6 +140,7 @@ class Trainer:
     graphdef, state = steps_lib.init_state(config)
     self.graphdef = graphdef
     self.steps = steps_lib.make_steps(config, graphdef)
+    self._params_finite = jax.jit(self.steps.params_finite)
     state = jax.device_put(state, self.repl)
 
     self.ckpt = checkpoint_lib.Checkpointer(self.workdir, config.max_checkpoints_to_keep,
@@ -252,12 +253,14 @@ class Trainer:
 
   def _check_finite(self, state) -> None:
     bad = int(state.first_nonfinite)
+    if bad < 0 and not bool(self._params_finite(state.params)):
+      bad = int(state.step) - 1  # A non-finite gradient in the chunk's last step.
     if bad >= 0:
       last = self.ckpt.latest_step()
       kept = f'the last good checkpoint (step {last}) is kept' if last is not None else (
           'no checkpoint was written')
       raise DivergenceError(
-          f'non-finite loss or gradient at epoch {bad // self.spe + 1}, step '
+          f'non-finite loss or parameters at epoch {bad // self.spe + 1}, step '
           f'{bad % self.spe + 1} (global step {bad + 1}); training stopped and {kept}. Lower '
           f'--config.learning_rate (now {self.config.learning_rate}).')
 

@@ -18,13 +18,13 @@ def _positive(config, name: str, kind=(int,)):
 
 
 _EXAMPLES = {'num_epochs': 5, 'batch_size': 32, 'eval_batch_size': 1000, 'learning_rate': 0.001,
-             'num_models': 1, 'max_checkpoints_to_keep': 2, 'num_classes': 10}
+             'num_models': 1, 'max_checkpoints_to_keep': 2, 'scan_unroll': 4, 'num_classes': 10}
 
 
 def validate_config(config) -> None:
   """Raises UserError naming the first bad field and a value that works."""
   for name in ('num_epochs', 'batch_size', 'eval_batch_size', 'num_models',
-               'max_checkpoints_to_keep'):
+               'max_checkpoints_to_keep', 'scan_unroll'):
     _positive(config, name)
   _positive(config, 'learning_rate', (int, float))
   if config.batch_size > TRAIN_EXAMPLES:
