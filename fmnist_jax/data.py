@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 import time
+import zipfile
 from typing import Iterator
 from unittest import mock
 
@@ -116,7 +117,7 @@ def _load_copy(root: str) -> Arrays | None:
     try:
       with np.load(path) as f:
         arrays = {s: {'image': f[f'{s}_image'], 'label': f[f'{s}_label']} for s in SPLITS}
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
       continue  # Truncated or foreign file: rebuild it from the tfds data.
     if all(_valid(arrays[s], counts.get(s)) for s in SPLITS):
       return arrays

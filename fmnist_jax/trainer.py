@@ -31,6 +31,7 @@ from fmnist_jax.validate import validate_config
 
 SUMMARY = 'summary.json'
 METRICS = 'metrics.jsonl'
+CONFIG = 'config.json'  # The run's config, for predict/explore and for people.
 
 
 def check_workdir(workdir: str) -> str:
@@ -151,6 +152,7 @@ class Trainer:
         return self._saved_summary()
       if self.main:  # metrics.jsonl always agrees with the checkpoint it continues.
         write_json_atomic(self._path(METRICS), self.history, lines=True)
+        write_json_atomic(self._path(CONFIG), config.to_dict())
       return self._train(state, arrays)
     finally:
       self.ckpt.close()

@@ -1,0 +1,61 @@
+"""Shared fixtures: real Fashion-MNIST prepared once per session into a temporary tfds data dir."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fmnist_jax import data, idx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _source_dir():
+  for candidate in (os.environ.get(data.MANUAL_DIR_ENV), data.DEBIAN_DIR):
+    if candidate and idx.has_files(candidate):
+      return candidate
+  pytest.fail('the real Fashion-MNIST IDX files are needed: run ./setup.sh (installs Debian\'s '
+              f'dataset-fashion-mnist) or set ${data.MANUAL_DIR_ENV}.')
+
+
+@pytest.fixture(scope='session')
+def source_dir():
+  return _source_dir()
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory, source_dir):
+  """A tfds data dir holding the prepared dataset (prepared from the IDX files in this session)."""
+  from configs import test as test_config
+  path = str(tmp_path_factory.mktemp('tfds'))
+  config = test_config.get_config()
+  config.data.data_dir = path
+  config.data.manual_dir = source_dir
+  data.load(config.data)
+  return path
+
+
+@pytest.fixture(scope='session')
+def arrays(data_dir):
+  from configs import test as test_config
+  config = test_config.get_config()
+  config.data.data_dir = data_dir
+  return data.load(config.data)
+
+
+@pytest.fixture
+def config(data_dir):
+  """configs/test.py pointed at the session's data."""
+  from configs import test as test_config
+  config = test_config.get_config()
+  config.data.data_dir = data_dir
+  config.data.download = False
+  return config
+
+
+def run_cli(*args, env=None, timeout=600, cwd=ROOT):
+  """Runs `python -m <args>` and returns the CompletedProcess (text output)."""
+  full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **(env or {}))
+  return subprocess.run([sys.executable, '-m', *args], capture_output=True, text=True,
+                        timeout=timeout, cwd=cwd, env=full_env)

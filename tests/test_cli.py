@@ -1,0 +1,105 @@
+"""The command line: overrides, one-line errors with non-zero exits, no tracebacks."""
+
+import json
+
+import pytest
+
+from configs import base
+from fmnist_jax import validate
+from fmnist_jax.errors import UserError
+from tests.conftest import run_cli
+
+
+def _assert_one_line_error(result, pattern, code=2):
+  assert result.returncode == code, result.stderr
+  assert 'Traceback' not in result.stderr
+  lines = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1, result.stderr
+  assert pattern in lines[0], lines[0]
+
+
+def test_overrides_reach_the_run(data_dir, tmp_path):
+  result = run_cli('fmnist_jax.train', '--config', 'configs/test.py',
+                   f'--config.data.data_dir={data_dir}', '--config.batch_size=120',
+                   '--config.hidden_sizes=(40,)', '--config.progress=True',
+                   f'--workdir={tmp_path}')
+  assert result.returncode == 0, result.stderr
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert summary['batch_size'] == 120 and summary['steps'] == 500
+  assert summary['param_count'] == 784 * 40 + 40 + 40 * 10 + 10
+  assert 'Epoch 1/1 500/500' in result.stdout and 'test_accuracy:' in result.stdout
+  assert 'Test accuracy: 0.8' in result.stdout
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config.num_epoch=3'], "unknown config field 'num_epoch'"),
+    (['--config.batch_size=0'], 'batch_size=0 must be a positive number'),
+    (['--config.num_epochs=-1'], 'num_epochs=-1 must be a positive number'),
+    (['--config.learning_rate=0'], 'learning_rate=0'),
+    (['--config.batch_size=70000'], 'larger than the training set'),
+    (['--config.input_mode=stream'], "unknown input_mode 'stream'"),
+    (['--config.model=cnn'], "unknown model 'cnn'"),
+    (['--config.num_epochs=abc'], 'flag --config.num_epochs=abc'),
+])
+def test_bad_config_is_one_line(args, message, tmp_path):
+  result = run_cli('fmnist_jax.train', '--config', 'configs/base.py', *args,
+                   f'--workdir={tmp_path / "w"}')
+  _assert_one_line_error(result, message)
+  assert not (tmp_path / 'w').exists()  # Rejected before anything was written.
+
+
+def test_missing_and_broken_config_files(tmp_path):
+  _assert_one_line_error(run_cli('fmnist_jax.train', '--config', 'configs/nope.py'),
+                         'config file not found')
+  broken = tmp_path / 'broken.py'
+  broken.write_text('x = 1\n')
+  _assert_one_line_error(run_cli('fmnist_jax.train', '--config', str(broken)),
+                         'has no get_config()')
+  _assert_one_line_error(run_cli('fmnist_jax.train'), '--config is required')
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  path = tmp_path / 'file'
+  path.write_text('keep me')
+  result = run_cli('fmnist_jax.train', '--config', 'configs/test.py', f'--workdir={path}')
+  _assert_one_line_error(result, 'is a file, not a folder')
+  assert path.read_text() == 'keep me'
+
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+  result = run_cli('fmnist_jax.train', '--config', 'configs/test.py',
+                   f'--config.data.data_dir={tmp_path / "tfds"}',
+                   f'--config.data.manual_dir={tmp_path}', f'--workdir={tmp_path / "w"}')
+  _assert_one_line_error(result, 'does not hold the four Fashion-MNIST IDX .gz files')
+
+
+def test_divergence_exit_code(data_dir, tmp_path):
+  result = run_cli('fmnist_jax.train', '--config', 'configs/test.py',
+                   f'--config.data.data_dir={data_dir}', '--config.learning_rate=1e30',
+                   f'--workdir={tmp_path}')
+  _assert_one_line_error(result, 'non-finite loss or parameters at epoch 1', code=3)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('hidden_sizes', (0,), 'hidden_sizes=(0,) must be positive integers'),
+    ('num_classes', 5, 'Fashion-MNIST has 10 classes'),
+    ('compute_dtype', 'float16', "unknown compute_dtype 'float16'"),
+    ('chunk_steps', -1, 'chunk_steps=-1 must be 0'),
+    ('eval_batch_size', 0, 'eval_batch_size=0'),
+])
+def test_validate_config(field, value, message):
+  config = base.get_config()
+  config[field] = value
+  with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')):
+    validate.validate_config(config)
+
+
+def test_learning_rates_must_match_num_models():
+  config = base.get_config()
+  config.num_models = 3
+  config.learning_rates = (1e-3, 2e-3)
+  with pytest.raises(UserError, match='learning_rates has 2 values for num_models=3'):
+    validate.validate_config(config)
+  config.learning_rates = (1e-3, 2e-3, 3e-3)
+  validate.validate_config(config)

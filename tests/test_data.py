@@ -1,0 +1,161 @@
+"""Offline preparation of the official tfds dataset, the warm-start copy, and data errors."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from fmnist_jax import CLASS_NAMES, data, idx
+
+
+def _config(data_dir, manual_dir=''):
+  config = test_config.get_config()
+  config.data.data_dir = str(data_dir)
+  config.data.manual_dir = str(manual_dir)
+  config.data.download = False
+  return config.data
+
+
+def test_prepared_dataset_is_the_official_tfds_one(data_dir, arrays):
+  info = json.load(open(os.path.join(data_dir, 'fashion_mnist', '3.0.1', 'dataset_info.json')))
+  assert info['name'] == 'fashion_mnist'
+  counts = {s['name']: sum(int(n) for n in s['shardLengths']) for s in info['splits']}
+  assert counts == {'train': 60_000, 'test': 10_000}
+  labels_file = os.path.join(data_dir, 'fashion_mnist', '3.0.1', 'label.labels.txt')
+  assert tuple(open(labels_file).read().split('\n')[:10]) == CLASS_NAMES
+  assert arrays['train']['image'].shape == (60_000, 28, 28)
+  assert arrays['test']['image'].dtype == np.uint8
+  assert arrays['train']['image'].max() == 255 and arrays['train']['image'].min() == 0
+  np.testing.assert_array_equal(np.bincount(arrays['train']['label']), [6000] * 10)
+  np.testing.assert_array_equal(np.bincount(arrays['test']['label']), [1000] * 10)
+
+
+def test_same_content_as_the_idx_files(arrays, source_dir):
+  """tfds shuffles the example order; the multiset of (image, label) pairs is unchanged."""
+  images, labels = idx.load_split(source_dir, 'test')
+  def keyed(imgs, labs):
+    return sorted(zip((i.tobytes() for i in imgs), labs.tolist()))
+  assert keyed(images, labels) == keyed(arrays['test']['image'], arrays['test']['label'])
+
+
+def test_warm_load_does_not_import_tensorflow(data_dir):
+  code = ('import sys, time, ml_collections; from fmnist_jax import data; '
+          f'c = ml_collections.ConfigDict(dict(data_dir={data_dir!r})); '
+          't = time.perf_counter(); a = data.load(c); '
+          'print(len(a["train"]["label"]), "tensorflow" in sys.modules, '
+          '"tensorflow_datasets" in sys.modules, time.perf_counter() - t)')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  count, tf_imported, tfds_imported, seconds = out.stdout.split()
+  assert (count, tf_imported, tfds_imported) == ('60000', 'False', 'False')
+  print(f'warm load: {float(seconds):.3f} s')
+
+
+def test_copy_without_tfds_data_is_not_trusted(tmp_path, data_dir, source_dir):
+  """A copy whose tfds data vanished (or never finished) is rebuilt from a fresh preparation."""
+  import shutil
+  root = tmp_path / 'tfds'
+  shutil.copytree(data_dir, root)
+  shutil.rmtree(root / 'fashion_mnist' / '3.0.1')
+  assert data._load_copy(str(root)) is None
+  arrays = data.load(_config(root, source_dir))
+  assert len(arrays['train']['label']) == 60_000
+  assert (root / 'fashion_mnist' / '3.0.1' / 'dataset_info.json').exists()
+
+
+def test_corrupt_copy_is_rebuilt(tmp_path, data_dir):
+  import shutil
+  root = tmp_path / 'tfds'
+  shutil.copytree(data_dir, root)
+  copy = glob.glob(str(root / 'fashion_mnist' / 'fmnist_jax-*.npz'))[0]
+  with open(copy, 'r+b') as f:
+    f.truncate(1000)
+  arrays = data.load(_config(root))  # Rebuilt from the tfds data, no IDX files needed.
+  assert len(arrays['test']['label']) == 10_000
+  assert os.path.getsize(copy) > 50_000_000
+
+
+def test_interrupted_preparation_leaves_nothing_trusted(tmp_path, source_dir, monkeypatch):
+  """A failure in the middle of preparing leaves no dataset a later run would trust."""
+  calls = {'n': 0}
+  real_load_split = idx.load_split
+
+  def fail_on_test_split(directory, split):
+    calls['n'] += 1
+    if split == 'test':
+      raise KeyboardInterrupt  # Like Ctrl-C half-way.
+    return real_load_split(directory, split)
+
+  monkeypatch.setattr(idx, 'load_split', fail_on_test_split)
+  with pytest.raises(KeyboardInterrupt):
+    data.load(_config(tmp_path, source_dir))
+  assert calls['n'] == 2
+  assert data._load_copy(str(tmp_path)) is None
+  assert not os.path.exists(tmp_path / 'fashion_mnist' / '3.0.1' / 'dataset_info.json')
+
+
+def test_manual_dir_must_hold_the_files(tmp_path):
+  with pytest.raises(data.DataError, match='does not hold the four Fashion-MNIST IDX'):
+    data.load(_config(tmp_path / 'tfds', manual_dir=tmp_path))
+
+
+def test_manual_dir_order(tmp_path, source_dir, monkeypatch):
+  """config field, then $FMNIST_JAX_MANUAL_DIR, then Debian's path; folders without files skip."""
+  import shutil
+  env_dir, debian_dir = tmp_path / 'env', tmp_path / 'debian'
+  shutil.copytree(source_dir, env_dir)
+  shutil.copytree(source_dir, debian_dir)
+  monkeypatch.setattr(data, 'DEBIAN_DIR', str(debian_dir))
+  monkeypatch.setenv(data.MANUAL_DIR_ENV, str(tmp_path))  # No files there: skipped.
+  assert data.manual_dir(_config(tmp_path)) == str(debian_dir)
+  monkeypatch.setenv(data.MANUAL_DIR_ENV, str(env_dir))
+  assert data.manual_dir(_config(tmp_path)) == str(env_dir)
+  assert data.manual_dir(_config(tmp_path, manual_dir=source_dir)) == source_dir
+  monkeypatch.setattr(data, 'DEBIAN_DIR', str(tmp_path / 'none'))
+  monkeypatch.delenv(data.MANUAL_DIR_ENV)
+  assert data.manual_dir(_config(tmp_path)) is None
+
+
+def test_no_data_anywhere_says_how_to_get_it(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, 'DEBIAN_DIR', str(tmp_path / 'none'))
+  monkeypatch.delenv(data.MANUAL_DIR_ENV, raising=False)
+  with pytest.raises(data.DataError, match='apt-get install dataset-fashion-mnist'):
+    data.load(_config(tmp_path / 'tfds'))
+
+
+def test_bad_idx_file_is_named(tmp_path, source_dir):
+  import shutil
+  manual = tmp_path / 'manual'
+  shutil.copytree(source_dir, manual)
+  (manual / 't10k-labels-idx1-ubyte.gz').write_bytes(b'not gzip at all')
+  with pytest.raises(idx.IdxError, match='t10k-labels-idx1-ubyte.gz: not a gzip file'):
+    data.load(_config(tmp_path / 'tfds', manual))
+  assert not os.path.exists(tmp_path / 'tfds' / 'fashion_mnist' / '3.0.1')
+
+
+def test_unwritable_data_dir(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  with pytest.raises(data.DataError, match='cannot be created'):
+    data.load(_config(blocker / 'tfds'))
+
+
+def test_tfds_stream_pads_and_covers_every_example(config):
+  stream = data.TfdsStream(config.data, 'test')
+  batches = list(stream.batches(768))
+  assert len(batches) == 14  # ceil(10000 / 768)
+  assert all(b['image'].shape == (768, 28, 28) for b in batches)
+  assert sum(b['mask'].sum() for b in batches) == 10_000
+  assert batches[-1]['mask'][:10_000 - 13 * 768].all() and not batches[-1]['mask'][-1]
+  two = list(stream.batches(768, shuffle_seed=3))
+  again = list(stream.batches(768, shuffle_seed=3))
+  np.testing.assert_array_equal(two[0]['label'], again[0]['label'])  # Seeded: same order.
+  skipped = list(stream.batches(768, shuffle_seed=3, skip_batches=2))
+  np.testing.assert_array_equal(skipped[0]['image'], two[2]['image'])  # Resume inside an epoch.
+  halves = [list(stream.batches(768, process_index=p, process_count=2)) for p in (0, 1)]
+  np.testing.assert_array_equal(
+      np.concatenate([halves[0][0]['label'], halves[1][0]['label']]), batches[0]['label'])

@@ -1,0 +1,60 @@
+"""Model shape, parameter count, Keras-style initialisation; loss and accuracy by hand."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from fmnist_jax import metrics, model
+from fmnist_jax.errors import UserError
+
+
+def test_tutorial_parameter_count_and_shapes():
+  graphdef, params = model.create(base.get_config(), seed=0)
+  assert model.param_count(params) == 784 * 128 + 128 + 128 * 10 + 10 == 101_770
+  logits = model.apply(graphdef, params, jnp.zeros((7, 28, 28), jnp.uint8))
+  assert logits.shape == (7, 10) and logits.dtype == jnp.float32
+
+
+def test_hidden_sizes_are_configurable():
+  config = base.get_config()
+  config.hidden_sizes = (96, 48)
+  _, params = model.create(config, seed=0)
+  assert model.param_count(params) == 784 * 96 + 96 + 96 * 48 + 48 + 48 * 10 + 10
+
+
+def test_keras_initialisation():
+  _, params = model.create(base.get_config(), seed=0)
+  kernel = np.asarray(params['hidden'][0]['kernel'][...])
+  limit = math.sqrt(6 / (784 + 128))  # glorot_uniform
+  assert np.abs(kernel).max() <= limit
+  assert np.abs(kernel).max() > 0.95 * limit  # Uniform over the whole range, not a normal.
+  assert np.all(np.asarray(params['hidden'][0]['bias'][...]) == 0)
+  assert np.all(np.asarray(params['out']['bias'][...]) == 0)
+
+
+def test_seed_changes_initialisation():
+  _, a = model.create(base.get_config(), seed=0)
+  _, b = model.create(base.get_config(), seed=1)
+  assert not np.array_equal(a['out']['kernel'][...], b['out']['kernel'][...])
+
+
+def test_unknown_model():
+  config = base.get_config()
+  config.model = 'cnn'
+  with pytest.raises(UserError, match="unknown model 'cnn'"):
+    model.create(config, seed=0)
+
+
+def test_loss_and_accuracy_by_hand():
+  logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
+  labels = jnp.array([0, 1, 2])
+  mask = jnp.array([1.0, 1.0, 0.0])  # The third row is padding.
+  # -log softmax: row 0 label 0: log(e^2 + e + 1) - 2; row 1 label 1: log(2 + e^3) - 0.
+  expected = (math.log(math.e**2 + math.e + 1) - 2) + math.log(2 + math.e**3)
+  assert float(metrics.cross_entropy_sum(logits, labels, mask)) == pytest.approx(expected, 1e-6)
+  assert float(metrics.mean_loss(logits, labels, mask)) == pytest.approx(expected / 2, 1e-6)
+  assert float(metrics.correct_sum(logits, labels, mask)) == 1.0  # Row 0 right, row 1 wrong.
+  assert float(metrics.correct_sum(logits, labels, jnp.ones(3))) == 1.0  # argmax tie -> class 0.

@@ -1,0 +1,140 @@
+"""End-to-end training on the real data (shrunk config), determinism, both input modes."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmnist_jax import checkpoint, metrics, steps, trainer
+from fmnist_jax.errors import DivergenceError, UserError
+
+SUMMARY_KEYS = {'test_accuracy', 'test_loss', 'train_accuracy', 'train_loss', 'epochs', 'steps',
+                'batch_size', 'train_seconds', 'compile_seconds', 'data_seconds',
+                'steps_per_second', 'examples_per_second', 'backend', 'devices', 'seed'}
+
+
+def _restored_params(config, workdir):
+  graphdef, template = steps.init_state(config)
+  ckpt = checkpoint.Checkpointer(str(workdir), 2)
+  state, record = ckpt.restore(template)
+  ckpt.close()
+  return state, record
+
+
+@pytest.fixture(scope='module')
+def device_run(tmp_path_factory, data_dir):
+  from configs import test as test_config
+  config = test_config.get_config()
+  config.data.data_dir = data_dir
+  workdir = tmp_path_factory.mktemp('device_run')
+  return config, workdir, trainer.train_and_evaluate(config, str(workdir))
+
+
+def test_one_epoch_on_real_data(device_run):
+  config, workdir, summary = device_run
+  assert summary['test_accuracy'] >= 0.80
+  assert 0 < summary['test_loss'] < 0.6
+  assert SUMMARY_KEYS <= set(summary)
+  assert summary['steps'] == 938 == summary['steps_run']  # ceil(60000 / 64): nothing dropped.
+  assert summary['batch_size'] == 64 and summary['epochs'] == 1
+  assert summary['param_count'] == 784 * 96 + 96 + 96 * 10 + 10
+  assert summary['devices'] == jax.device_count() and summary['backend'] == 'cpu'
+  assert summary['train_seconds'] > 0 and summary['compile_seconds'] > 0
+  assert summary['steps_per_second'] == pytest.approx(938 / summary['train_seconds'])
+  assert summary['examples_per_second'] == pytest.approx(64 * summary['steps_per_second'])
+  with open(workdir / 'summary.json') as f:
+    assert json.load(f) == summary
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+  assert len(lines) == 1 and json.loads(lines[0])['test_accuracy'] == summary['test_accuracy']
+  assert json.loads((workdir / 'config.json').read_text())['hidden_sizes'] == [96]
+
+
+def test_checkpoint_holds_the_trained_state(device_run):
+  config, workdir, summary = device_run
+  state, record = _restored_params(config, workdir)
+  assert int(state.step) == 938 and record['step'] == 938
+  assert record['history'][-1]['test_accuracy'] == summary['test_accuracy']
+  _, fresh = steps.init_state(config)
+  assert not np.array_equal(state.params['out']['kernel'][...], fresh.params['out']['kernel'][...])
+
+
+def test_finished_run_is_not_retrained(device_run, capsys):
+  config, workdir, summary = device_run
+  again = trainer.train_and_evaluate(config, str(workdir))
+  assert again == summary  # Same saved numbers, training seconds included: nothing re-ran.
+  assert len((workdir / 'metrics.jsonl').read_text().splitlines()) == 1
+
+
+def test_same_seed_is_bitwise_identical(device_run, tmp_path):
+  config, workdir, summary = device_run
+  config.tensorboard = False
+  again = trainer.train_and_evaluate(config, str(tmp_path))
+  for key in ('test_accuracy', 'test_loss', 'train_accuracy', 'train_loss'):
+    assert again[key] == summary[key]
+  a, _ = _restored_params(config, workdir)
+  b, _ = _restored_params(config, tmp_path)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+
+
+def test_different_seed_differs(device_run, config, tmp_path):
+  _, _, summary = device_run
+  config.seed = 1
+  other = trainer.train_and_evaluate(config, str(tmp_path))
+  assert other['seed'] == 1 and other['test_accuracy'] >= 0.80
+  assert other['train_loss'] != summary['train_loss']
+  assert other['test_loss'] != summary['test_loss']
+
+
+def test_tfds_mode_matches_device_mode(device_run, config, tmp_path):
+  _, _, device_summary = device_run
+  config.input_mode = 'tfds'
+  summary = trainer.train_and_evaluate(config, str(tmp_path))
+  assert summary['input_mode'] == 'tfds' and summary['steps'] == 938
+  assert summary['test_accuracy'] >= 0.80
+  assert abs(summary['test_accuracy'] - device_summary['test_accuracy']) < 0.03
+
+
+def test_chunks_give_the_same_result_as_whole_epochs(device_run, config, tmp_path):
+  """Fusing 100 steps per call instead of 938 changes nothing, bitwise."""
+  _, _, summary = device_run
+  config.chunk_steps = 100
+  chunked = trainer.train_and_evaluate(config, str(tmp_path))
+  assert chunked['test_loss'] == summary['test_loss']
+  assert chunked['train_loss'] == summary['train_loss']
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(config, tmp_path, monkeypatch):
+  first = trainer.train_and_evaluate(config, str(tmp_path))
+  metrics_before = (tmp_path / 'metrics.jsonl').read_text()
+  config.num_epochs = 2  # Continue the same run for one more epoch ...
+  monkeypatch.setattr(metrics, 'mean_loss', lambda *args: jnp.float32(jnp.nan))  # ... into NaN.
+  with pytest.raises(DivergenceError, match=r'epoch 2, step 1 \(global step 939\).*last good '
+                     r'checkpoint \(step 938\) is kept'):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert (tmp_path / 'metrics.jsonl').read_text() == metrics_before
+  state, record = _restored_params(config, tmp_path)
+  assert int(state.step) == 938
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+  assert record['history'][-1]['test_loss'] == first['test_loss']
+
+
+def test_absurd_learning_rate_diverges_without_checkpoint(config, tmp_path):
+  config.learning_rate = 1e30
+  with pytest.raises(DivergenceError, match='no checkpoint was written'):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path / 'checkpoints')
+
+
+def test_incompatible_checkpoint_names_the_fields(device_run, config):
+  _, workdir, _ = device_run
+  config.hidden_sizes = (32,)
+  config.batch_size = 128
+  with pytest.raises(UserError, match=r"hidden_sizes \(checkpoint \[96\], config \[32\]\); "
+                     r'batch_size \(checkpoint 64, config 128\).*--config.fresh=True'):
+    trainer.train_and_evaluate(config, str(workdir))
