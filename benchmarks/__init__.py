@@ -1,0 +1,1 @@
+"""Benchmarks: fmnist_jax against Keras and PyTorch on the same data, model and optimizer."""
