@@ -39,8 +39,9 @@ def parse_args(argv=None):
   parser.add_argument('--quick', action='store_true',
                       help='a smoke test (under a minute): fmnist_jax-device and torch-eager, 1 '
                       'epoch, 1 repeat, batch size 8192 only, K = 1, 4')
-  parser.add_argument('--peers', default=','.join(peers_lib.PEERS),
-                      help='comma-separated peers (default: all): ' + ', '.join(peers_lib.PEERS))
+  parser.add_argument('--peers', default=None,
+                      help='comma-separated peers (default: all; with --quick: fmnist_jax-device,'
+                      'torch-eager): ' + ', '.join(peers_lib.PEERS))
   parser.add_argument('--batch-sizes', default='32,128,512,2048,8192')
   parser.add_argument('--repeats', type=int, default=3, help='tutorial runs per peer')
   parser.add_argument('--epochs', type=int, default=5, help='epochs of the tutorial run')
@@ -50,8 +51,9 @@ def parse_args(argv=None):
   parser.add_argument('--timeout', type=int, default=900, help='seconds per peer process')
   parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'reports'))
   args = parser.parse_args(argv)
+  if args.peers is None:
+    args.peers = 'fmnist_jax-device,torch-eager' if args.quick else ','.join(peers_lib.PEERS)
   if args.quick:
-    args.peers = 'fmnist_jax-device,torch-eager'
     args.batch_sizes, args.repeats, args.epochs = '8192', 1, 1
     args.throughput_epochs, args.num_models = 1, '1,4'
   args.peers = [p for p in args.peers.split(',') if p]

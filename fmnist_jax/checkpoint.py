@@ -11,11 +11,13 @@ state as a template, whatever pytree classes (NNX State, optax tuples) it contai
 import os
 import shutil
 import sys
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from fmnist_jax import distributed
 from fmnist_jax.errors import UserError
 
 # Config fields a checkpoint must agree on to be resumed (num_epochs may grow, outputs may change).
@@ -42,6 +44,8 @@ class Checkpointer:
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     if fresh and os.path.isdir(self.directory) and jax.process_index() == 0:
       shutil.rmtree(self.directory)
+    if fresh:
+      distributed.barrier('fresh')  # Nobody opens the folder while process 0 deletes it.
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -76,6 +80,7 @@ class Checkpointer:
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
                 for k, v in flat_template.items()}
     treedef = jax.tree_util.tree_structure(template)
+    damaged = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -86,10 +91,28 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         print(f'warning: checkpoint {step} in {self.directory} is damaged or incomplete '
               f'({type(e).__name__}); trying an earlier one.', file=sys.stderr, flush=True)
+        damaged.append(step)
         continue
+      self._set_aside(damaged)
       state = jax.tree_util.tree_unflatten(treedef, [flat[k] for k in flat_template])
       return state, restored['record']
     return None
+
+  def _set_aside(self, steps) -> None:
+    """Moves damaged checkpoints to checkpoints_damaged/ (kept for inspection, out of the way
+    of the steps the resumed run will save again)."""
+    if not steps or jax.process_index() != 0:
+      distributed.barrier('set_aside')
+      return
+    aside = os.path.join(os.path.dirname(self.directory), 'checkpoints_damaged')
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      target = os.path.join(aside, f'{step}-{int(time.time())}')
+      shutil.move(os.path.join(self.directory, str(step)), target)
+      print(f'warning: moved damaged checkpoint {step} to {target}.', file=sys.stderr,
+            flush=True)
+    self._manager.reload()
+    distributed.barrier('set_aside')
 
   def check_compatible(self, record: dict, config) -> None:
     """Raises UserError naming every field where the checkpoint and the config differ."""

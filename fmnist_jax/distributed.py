@@ -85,3 +85,10 @@ def dataset_sharding(mesh: Mesh, num_examples: int) -> NamedSharding:
 def is_main_process() -> bool:
   """Only process 0 writes summaries, metrics, figures and prints progress."""
   return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits for every process (a no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

@@ -139,11 +139,14 @@ def make_steps(config, graphdef) -> Steps:
     """This epoch's batches [steps, B, ...]: a permutation, padded up to whole batches.
 
     Every example appears exactly once; the padding rows repeat early examples with mask 0 (the
-    last batch is partial, as in Keras), so no example is dropped.
+    last batch is partial, as in Keras), so no example is dropped. Gathering rows of flat
+    [N, 784] images is about twice as fast as gathering [N, 28, 28] ones.
     """
     n = labels.shape[0]
     steps = -(-n // batch_size)
-    perm = jax.random.permutation(jax.random.fold_in(rng, epoch), n)
+    # One sort of random 32-bit keys: on a CPU half the cost of jax.random.permutation's two
+    # sorting rounds. A tie (about one pair per epoch of 60,000) keeps its index order.
+    perm = jnp.argsort(jax.random.bits(jax.random.fold_in(rng, epoch), (n,)))
     order = jnp.concatenate([perm, perm[:steps * batch_size - n]]).reshape(steps, batch_size)
     mask = (jnp.arange(steps * batch_size) < n).astype(jnp.float32).reshape(steps, batch_size)
     return {'image': images[order], 'label': labels[order], 'mask': mask}

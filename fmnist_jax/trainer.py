@@ -133,7 +133,11 @@ class Trainer:
     """Trains (or resumes, or reports a finished run) and returns the summary."""
     config = self.config
     start = time.perf_counter()
+    if not self.main:  # Process 0 prepares the data first; the others then read its copy.
+      distributed.barrier('data')
     arrays = data_lib.load(config.data, verbose=self.main)
+    if self.main:
+      distributed.barrier('data')
     self.data_seconds = time.perf_counter() - start
     self.spe = math.ceil(len(arrays['train']['label']) / config.batch_size)
     self.total_steps = self.spe * config.num_epochs
@@ -141,7 +145,6 @@ class Trainer:
     graphdef, state = steps_lib.init_state(config)
     self.graphdef = graphdef
     self.steps = steps_lib.make_steps(config, graphdef)
-    self._params_finite = jax.jit(self.steps.params_finite)
     state = jax.device_put(state, self.repl)
 
     self.ckpt = checkpoint_lib.Checkpointer(self.workdir, config.max_checkpoints_to_keep,
@@ -186,6 +189,8 @@ class Trainer:
     config = self.config
     test = self._test_batches(arrays['test'])
     evaluate = self.compiler.get('eval', jax.jit(self.steps.evaluate), state.params, test)
+    self._params_finite = self.compiler.get('finite', jax.jit(self.steps.params_finite),
+                                            state.params)
     if config.input_mode == 'device':
       run_epoch = self._device_epoch_fn(state, arrays['train'])
     else:
@@ -211,6 +216,8 @@ class Trainer:
             if writer:
               _write_tensorboard(writer, entry)
           self.log(('\r' if self.tty else '') + epoch_line(entry, config.num_epochs, self.spe))
+      if writer:
+        self._write_prediction_figure(writer, state, arrays['test'])
     finally:
       if writer:
         writer.close()
@@ -270,7 +277,7 @@ class Trainer:
     """Epoch runner for the 'device' mode: resident data, on-device shuffle, fused chunks."""
     config = self.config
     sharding = distributed.dataset_sharding(self.mesh, len(train['label']))
-    images = distributed.put(train['image'], sharding)
+    images = distributed.put(train['image'].reshape(len(train['image']), -1), sharding)
     labels = distributed.put(train['label'], sharding)
     shuffle = jax.jit(self.steps.shuffle, static_argnames='batch_size',
                       out_shardings=distributed.batch_sharded(self.mesh, 1))
@@ -305,14 +312,16 @@ class Trainer:
     config = self.config
     stream = data_lib.TfdsStream(config.data, 'train')
     sharding = distributed.batch_sharded(self.mesh)
-    local = config.batch_size // jax.process_count()
     batch_spec = {
         'image': jax.ShapeDtypeStruct((config.batch_size, 28, 28), jnp.uint8, sharding=sharding),
         'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=sharding),
         'mask': jax.ShapeDtypeStruct((config.batch_size,), jnp.float32, sharding=sharding)}
     step_fn = self.compiler.get('step', jax.jit(self.steps.train_step, donate_argnums=0),
                                 jax.tree.map(_spec, state), batch_spec)
-    del local
+
+    # Several CPU "devices" share one thread pool: with many steps in flight their all-reduces can
+    # wait on each other forever (seen with 8 forced host devices), so run one step at a time.
+    one_in_flight = jax.default_backend() == 'cpu' and jax.local_device_count() > 1
 
     def run_epoch(state, epoch):
       start = time.perf_counter()
@@ -324,6 +333,8 @@ class Trainer:
                                process_count=jax.process_count())
       for batch in batches:
         state = step_fn(state, distributed.put_local_batch(batch, sharding))
+        if one_in_flight:
+          state.step.block_until_ready()
         step += 1
         if step == stop or self.signals.received:
           self._after_chunk(state, epoch, start)
@@ -412,6 +423,17 @@ class Trainer:
             'ensemble_test_accuracy': ensemble,
             'learning_rates': list(steps_lib.model_learning_rates(self.config)),
             'seeds': [self.config.seed + k for k in range(self.config.num_models)]}
+
+  def _write_prediction_figure(self, writer, state, test) -> None:
+    """The tutorial's prediction grid (first 15 test images) as a TensorBoard image."""
+    from fmnist_jax import plots, predict  # pylint: disable=g-import-not-at-top
+    images, labels = test['image'][:15], test['label'][:15]
+    # A host copy: only this process draws, so nothing may run over other processes' devices.
+    params = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.params)
+    probs = predict.predict_probs(self.config, self.graphdef, params, images, batch_size=16)
+    writer.add_figure('predictions', plots.prediction_grid(images, probs, labels),
+                      self.config.num_epochs)
+    writer.flush()
 
   def _tensorboard(self):
     if not (self.config.tensorboard and self.main):

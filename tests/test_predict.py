@@ -1,0 +1,184 @@
+"""explore / predict: figures, the confusion matrix, classifying image files, TensorBoard."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fmnist_jax import CLASS_NAMES, images, plots, predict, trainer
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory, data_dir):
+  from configs import test as test_config
+  config = test_config.get_config()
+  config.data.data_dir = data_dir
+  config.tensorboard = True
+  path = tmp_path_factory.mktemp('trained')
+  trainer.train_and_evaluate(config, str(path))
+  return path
+
+
+def _assert_real_png(path, min_size=(200, 150)):
+  with Image.open(path) as image:
+    assert image.format == 'PNG'
+    assert image.size[0] >= min_size[0] and image.size[1] >= min_size[1], image.size
+    pixels = np.asarray(image.convert('L'), dtype=np.float32)
+  assert pixels.std() > 10, f'{path} looks blank'  # Not a single-colour image.
+
+
+def test_predict_test_set_cli(workdir):
+  result = run_cli('fmnist_jax.predict', f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr
+  assert 'Prediction for test image 0:' in result.stdout and 'argmax:' in result.stdout
+  for name in CLASS_NAMES:
+    assert name in result.stdout
+  figures = {os.path.basename(p) for p in glob.glob(str(workdir / 'figures' / '*.png'))}
+  expected = {'prediction_0.png', 'prediction_12.png', 'prediction_grid.png',
+              'single_prediction.png', 'confusion_matrix.png', 'confident_mistakes.png',
+              'training_curves.png'}
+  assert expected <= figures
+  _assert_real_png(workdir / 'figures' / 'prediction_grid.png', (1000, 800))
+  _assert_real_png(workdir / 'figures' / 'confusion_matrix.png', (1200, 500))
+  for name in expected:
+    _assert_real_png(workdir / 'figures' / name)
+
+
+def test_predict_json_agrees_with_summary(workdir):
+  result = run_cli('fmnist_jax.predict', f'--workdir={workdir}', '--json', '--nofigures')
+  assert result.returncode == 0, result.stderr
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert out['test_accuracy'] == pytest.approx(summary['test_accuracy'], abs=1e-6)
+  matrix = np.array(out['confusion_matrix'])
+  assert matrix.sum() == 10_000 and (matrix.sum(axis=1) == 1000).all()
+  assert np.trace(matrix) / 10_000 == pytest.approx(out['test_accuracy'])
+  first = out['first_prediction']
+  assert sum(first['confidences']) == pytest.approx(1.0, abs=1e-4)
+  assert first['predicted'] == int(np.argmax(first['confidences']))
+
+
+def test_per_class_table_by_hand():
+  matrix = np.zeros((10, 10), np.int64)
+  matrix[0, 0], matrix[0, 6], matrix[6, 6], matrix[6, 0] = 8, 2, 5, 5
+  table = predict.per_class_table(matrix)
+  assert table[0] == {'class': 'T-shirt/top', 'precision': 8 / 13, 'recall': 0.8, 'support': 10}
+  assert table[6]['precision'] == 5 / 7 and table[6]['recall'] == 0.5
+  np.testing.assert_array_equal(predict.confusion_matrix(np.array([0, 0, 6]), np.array([0, 6, 6])
+                                                         )[[0, 0, 6], [0, 6, 6]], [1, 1, 1])
+
+
+def test_explore_cli(workdir):
+  result = run_cli('fmnist_jax.explore', f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr
+  assert 'train_images.shape: (60000, 28, 28)' in result.stdout
+  assert 'test_images.shape: (10000, 28, 28)' in result.stdout
+  assert 'pixel values: 0 to 255' in result.stdout
+  assert 'Ankle boot     6000   1000' in result.stdout
+  for name in ('train_image_first', 'train_image_middle', 'train_image_last', 'train_grid_5x5',
+               'training_curves'):
+    _assert_real_png(workdir / 'figures' / f'{name}.png')
+
+
+@pytest.fixture(scope='module')
+def picture_files(tmp_path_factory, arrays):
+  """Test image 0 as PNG: as is, upscaled 10x, as RGB, and inverted onto a white background."""
+  folder = tmp_path_factory.mktemp('pictures')
+  original = arrays['test']['image'][0]
+  big = Image.fromarray(original).resize((280, 280), Image.Resampling.NEAREST)
+  variants = {
+      'plain.png': Image.fromarray(original),
+      'big.png': big,
+      'rgb.jpg.png': big.convert('RGB'),
+      'white_background.png': Image.fromarray(255 - original).convert('RGB'),
+  }
+  paths = []
+  for name, picture in variants.items():
+    picture.save(folder / name)
+    paths.append(str(folder / name))
+  return original, paths
+
+
+def test_image_variants_become_the_original_array(picture_files):
+  original, paths = picture_files
+  for path in paths:
+    np.testing.assert_array_equal(images.load(path), original, err_msg=path)
+
+
+def test_wide_light_photo_is_fitted_and_inverted(tmp_path):
+  picture = np.full((60, 120, 3), 240, np.uint8)
+  picture[20:40, 50:70] = 10  # A dark square on a light, wide background.
+  Image.fromarray(picture).save(tmp_path / 'wide.jpg')
+  out = images.load(str(tmp_path / 'wide.jpg'))
+  assert out.shape == (28, 28) and out.dtype == np.uint8
+  assert out[0, 0] < 30 and out[14, 14] > 200  # Inverted: black background, light object.
+  assert out[:7].max() < 30  # Aspect ratio kept: 120x60 -> 28x14, padded above and below.
+
+
+def test_classify_files_cli(workdir, picture_files, arrays, tmp_path):
+  original, paths = picture_files
+  config, graphdef, params = predict.load_trained(str(workdir))
+  expected = int(predict.predict_probs(config, graphdef, params, original[None]).argmax())
+  not_image = tmp_path / 'notes.txt'
+  not_image.write_text('not a picture')
+  missing = tmp_path / 'missing.png'
+  result = run_cli('fmnist_jax.predict', f'--workdir={workdir}', '--json', paths[0],
+                   str(not_image), *paths[1:], str(missing))
+  assert result.returncode == 1
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 2 and 'Traceback' not in result.stderr
+  assert f'{not_image}: not an image file' in errors[0]
+  assert f'{missing}: file not found' in errors[1]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert [p['file'] for p in out['predictions']] == paths  # The others were still classified.
+  for p in out['predictions']:
+    assert p['top3'][0]['label'] == expected
+    assert len(p['top3']) == 3
+    assert p['top3'][0]['probability'] >= p['top3'][1]['probability'] >= p['top3'][2][
+        'probability']
+  text = run_cli('fmnist_jax.predict', f'--workdir={workdir}', paths[1])
+  assert text.returncode == 0
+  assert text.stdout.startswith(f'{paths[1]}: {CLASS_NAMES[expected]} ')
+
+
+def test_missing_workdir_says_how_to_train(tmp_path):
+  result = run_cli('fmnist_jax.predict', f'--workdir={tmp_path / "nothing"}')
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert 'does not exist; train one with: python -m fmnist_jax.train' in result.stderr
+  (tmp_path / 'empty').mkdir()
+  result = run_cli('fmnist_jax.predict', f'--workdir={tmp_path / "empty"}', 'x.png')
+  assert result.returncode == 2 and 'holds no trained run' in result.stderr
+
+
+def test_tensorboard_has_curves_and_figure(workdir):
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(workdir / 'tensorboard'),
+                                           size_guidance={'images': 0, 'scalars': 0})
+  acc.Reload()
+  tags = acc.Tags()
+  assert {'loss/train', 'loss/test', 'accuracy/train', 'accuracy/test',
+          'steps_per_second'} <= set(tags['scalars'])
+  assert acc.Scalars('accuracy/test')[0].value > 0.8
+  assert 'predictions' in tags['images']
+
+
+def test_figure_functions_return_figures(arrays):
+  imgs, labels = arrays['test']['image'][:20], arrays['test']['label'][:20]
+  probs = np.full((20, 10), 0.05)
+  probs[np.arange(20), labels] = 0.55
+  probs[3] = np.roll(probs[3], 1)  # One mistake.
+  for fig in (plots.prediction(imgs[3], probs[3], labels[3]),
+              plots.prediction_grid(imgs, probs, labels),
+              plots.single_prediction_bars(probs[0], labels[0]),
+              plots.confident_mistakes(imgs, probs, labels),
+              plots.image_grid(imgs, labels)):
+    assert fig.axes
+  bars = plots.prediction(imgs[3], probs[3], labels[3]).axes[1].patches
+  colors = [tuple(round(c, 3) for c in b.get_facecolor()[:3]) for b in bars]
+  from matplotlib.colors import to_rgb
+  assert colors[int(labels[3])] == tuple(round(c, 3) for c in to_rgb(plots.RIGHT))
+  assert colors[(int(labels[3]) + 1) % 10] == tuple(round(c, 3) for c in to_rgb(plots.WRONG))
