@@ -29,6 +29,10 @@ from benchmarks import report
 
 TARGET_ACCURACY = 0.85
 TRAIN_EXAMPLES = 60_000
+FULL = {'peers': ','.join(peers_lib.PEERS), 'batch_sizes': '32,128,512,2048,8192', 'repeats': 3,
+        'epochs': 5, 'throughput_epochs': 2, 'num_models': '1,8,64'}
+QUICK = {'peers': 'fmnist_jax-device,torch-eager', 'batch_sizes': '8192', 'repeats': 1,
+         'epochs': 1, 'throughput_epochs': 1, 'num_models': '1,4'}
 FRAMEWORK_MODULES = {'jax': ('jax',), 'keras+tensorflow': ('keras', 'tensorflow'),
                      'keras+jax': ('keras', 'jax'), 'torch': ('torch',)}
 
@@ -42,20 +46,21 @@ def parse_args(argv=None):
   parser.add_argument('--peers', default=None,
                       help='comma-separated peers (default: all; with --quick: fmnist_jax-device,'
                       'torch-eager): ' + ', '.join(peers_lib.PEERS))
-  parser.add_argument('--batch-sizes', default='32,128,512,2048,8192')
-  parser.add_argument('--repeats', type=int, default=3, help='tutorial runs per peer')
-  parser.add_argument('--epochs', type=int, default=5, help='epochs of the tutorial run')
-  parser.add_argument('--throughput-epochs', type=int, default=2,
-                      help='epochs per throughput run; the last one is measured')
-  parser.add_argument('--num-models', default='1,8,64', help='K values for the vmap run')
+  parser.add_argument('--batch-sizes', default=None,
+                      help='throughput batch sizes (default 32,128,512,2048,8192)')
+  parser.add_argument('--repeats', type=int, default=None, help='tutorial runs per peer (3)')
+  parser.add_argument('--epochs', type=int, default=None, help='epochs of the tutorial run (5)')
+  parser.add_argument('--throughput-epochs', type=int, default=None,
+                      help='epochs per throughput run; the last one is measured (2)')
+  parser.add_argument('--num-models', default=None, help='K values for the vmap run (1,8,64)')
   parser.add_argument('--timeout', type=int, default=900, help='seconds per peer process')
   parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'reports'))
   args = parser.parse_args(argv)
-  if args.peers is None:
-    args.peers = 'fmnist_jax-device,torch-eager' if args.quick else ','.join(peers_lib.PEERS)
-  if args.quick:
-    args.batch_sizes, args.repeats, args.epochs = '8192', 1, 1
-    args.throughput_epochs, args.num_models = 1, '1,4'
+  # --quick changes the defaults; options given explicitly still win.
+  defaults = QUICK if args.quick else FULL
+  for name, value in defaults.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
   args.peers = [p for p in args.peers.split(',') if p]
   unknown = [p for p in args.peers if p not in peers_lib.PEERS]
   if unknown:

@@ -71,7 +71,7 @@ def test_two_processes_train_together(one_device, data_dir, tmp_path):
   for rank in range(2):
     args = _train_args(data_dir, tmp_path, f'--config.distributed.coordinator_address=127.0.0.1:{port}',
                        '--config.distributed.num_processes=2',
-                       f'--config.distributed.process_id={rank}')
+                       f'--config.distributed.process_id={rank}', '--config.progress=True')
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
                TF_CPP_MIN_LOG_LEVEL='3')
     procs.append(subprocess.Popen([sys.executable, '-m', *args], stdout=subprocess.PIPE,
@@ -82,6 +82,7 @@ def test_two_processes_train_together(one_device, data_dir, tmp_path):
   summary = json.loads((tmp_path / 'summary.json').read_text())
   assert summary['devices'] == 4 and summary['processes'] == 2
   _assert_same_run(summary, one_device)
+  # Only process 0 reports (and writes summaries, metrics and figures).
   assert 'Test accuracy' in outputs[0][0] and 'Test accuracy' not in outputs[1][0]
 
 
