@@ -286,6 +286,8 @@ class TfdsStream:
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
   """Pads a batch to `batch_size` rows and adds `mask` (1 real, 0 padding)."""
   n = len(batch['label'])
+  if n == batch_size:  # Every batch but the last: no copies.
+    return {**batch, 'mask': np.ones(batch_size, np.float32)}
   out = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
          for k, v in batch.items()}
   out['mask'] = (np.arange(batch_size) < n).astype(np.float32)

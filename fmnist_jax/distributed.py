@@ -72,6 +72,8 @@ def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 def put_local_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
   """A global batch from each process's contiguous rows of it (the tfds input mode)."""
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)  # One call for the whole dict: less per-step overhead.
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 

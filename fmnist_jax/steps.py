@@ -9,7 +9,6 @@ parameters and optimizer state; all models see the same batches.
 """
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import jax

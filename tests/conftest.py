@@ -59,3 +59,14 @@ def run_cli(*args, env=None, timeout=600, cwd=ROOT):
   full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **(env or {}))
   return subprocess.run([sys.executable, '-m', *args], capture_output=True, text=True,
                         timeout=timeout, cwd=cwd, env=full_env)
+
+
+def restore_state(config, workdir):
+  """(TrainState, record) of the newest readable checkpoint in `workdir`."""
+  from fmnist_jax import checkpoint, steps
+  _, template = steps.init_state(config)
+  ckpt = checkpoint.Checkpointer(str(workdir), 2)
+  try:
+    return ckpt.restore(template)
+  finally:
+    ckpt.close()

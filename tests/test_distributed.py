@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fmnist_jax import trainer
-from tests.conftest import run_cli
+from tests.conftest import restore_state, run_cli
 
 
 def _free_port():
@@ -91,11 +91,7 @@ def test_bfloat16_stays_within_a_point(one_device, config, tmp_path):
   summary = trainer.train_and_evaluate(config, str(tmp_path))
   assert summary['compute_dtype'] == 'bfloat16'
   assert abs(summary['test_accuracy'] - one_device['test_accuracy']) <= 0.01
-  from fmnist_jax import checkpoint, steps
-  _, template = steps.init_state(config)
-  ckpt = checkpoint.Checkpointer(str(tmp_path), 2)
-  state, _ = ckpt.restore(template)
-  ckpt.close()
+  state, _ = restore_state(config, tmp_path)
   import jax
   assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))} == {
       np.dtype('float32'), np.dtype('int32')}  # f32 parameters and Adam moments (int count).

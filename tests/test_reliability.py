@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from fmnist_jax import checkpoint, steps, trainer
-from tests.conftest import ROOT, run_cli
+from fmnist_jax import trainer
+from tests.conftest import ROOT, restore_state, run_cli
 
 EVERY = 50  # Checkpoint interval of these tests: many mid-epoch checkpoints.
 TIMED = {'seconds', 'steps_per_second'}
@@ -35,22 +35,14 @@ def _args(data_dir, workdir):
           f'--workdir={workdir}']
 
 
-def _state(config, workdir):
-  _, template = steps.init_state(config)
-  ckpt = checkpoint.Checkpointer(str(workdir), 2)
-  state, record = ckpt.restore(template)
-  ckpt.close()
-  return state, record
-
-
 def _untimed(workdir):
   lines = (workdir / 'metrics.jsonl').read_text().splitlines()
   return [{k: v for k, v in json.loads(l).items() if k not in TIMED} for l in lines]
 
 
 def _assert_bitwise_same_run(config, workdir, reference):
-  a, _ = _state(config, workdir)
-  b, _ = _state(config, reference)
+  a, _ = restore_state(config, workdir)
+  b, _ = restore_state(config, reference)
   assert int(a.step) == int(b.step) == 2 * 938
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -96,7 +88,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(data_dir, reference,
   proc.communicate()
   assert proc.returncode == -signal.SIGKILL
   assert not (tmp_path / 'summary.json').exists()  # Killed before the end.
-  state, _ = _state(_config(data_dir), tmp_path)
+  state, _ = restore_state(_config(data_dir), tmp_path)
   assert seen <= int(state.step) < 2 * 938
   result = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path), '--config.progress=True')
   assert result.returncode == 0, result.stderr[-2000:]
@@ -118,7 +110,7 @@ def test_stop_signal_saves_and_resumes(sig, data_dir, reference, tmp_path):
   assert len(message) == 1 and f'{signal.Signals(sig).name} received: stopped at step' in message[0]
   assert 'run the same command again to resume' in message[0]
   stopped_at = int(message[0].split('stopped at step ')[1].split()[0])
-  state, _ = _state(_config(data_dir), tmp_path)
+  state, _ = restore_state(_config(data_dir), tmp_path)
   assert int(state.step) == stopped_at  # The checkpoint is the state it stopped in.
   result = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path))
   assert result.returncode == 0, result.stderr[-2000:]

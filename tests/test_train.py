@@ -8,20 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmnist_jax import checkpoint, metrics, steps, trainer
+from fmnist_jax import metrics, steps, trainer
 from fmnist_jax.errors import DivergenceError, UserError
+from tests.conftest import restore_state
 
 SUMMARY_KEYS = {'test_accuracy', 'test_loss', 'train_accuracy', 'train_loss', 'epochs', 'steps',
                 'batch_size', 'train_seconds', 'compile_seconds', 'data_seconds',
                 'steps_per_second', 'examples_per_second', 'backend', 'devices', 'seed'}
-
-
-def _restored_params(config, workdir):
-  graphdef, template = steps.init_state(config)
-  ckpt = checkpoint.Checkpointer(str(workdir), 2)
-  state, record = ckpt.restore(template)
-  ckpt.close()
-  return state, record
 
 
 @pytest.fixture(scope='module')
@@ -54,7 +47,7 @@ def test_one_epoch_on_real_data(device_run):
 
 def test_checkpoint_holds_the_trained_state(device_run):
   config, workdir, summary = device_run
-  state, record = _restored_params(config, workdir)
+  state, record = restore_state(config, workdir)
   assert int(state.step) == 938 and record['step'] == 938
   assert record['history'][-1]['test_accuracy'] == summary['test_accuracy']
   _, fresh = steps.init_state(config)
@@ -74,8 +67,8 @@ def test_same_seed_is_bitwise_identical(device_run, tmp_path):
   again = trainer.train_and_evaluate(config, str(tmp_path))
   for key in ('test_accuracy', 'test_loss', 'train_accuracy', 'train_loss'):
     assert again[key] == summary[key]
-  a, _ = _restored_params(config, workdir)
-  b, _ = _restored_params(config, tmp_path)
+  a, _ = restore_state(config, workdir)
+  b, _ = restore_state(config, tmp_path)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
 
@@ -118,7 +111,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(config, tmp_path, m
                      r'checkpoint \(step 938\) is kept'):
     trainer.train_and_evaluate(config, str(tmp_path))
   assert (tmp_path / 'metrics.jsonl').read_text() == metrics_before
-  state, record = _restored_params(config, tmp_path)
+  state, record = restore_state(config, tmp_path)
   assert int(state.step) == 938
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
   assert record['history'][-1]['test_loss'] == first['test_loss']
