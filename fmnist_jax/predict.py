@@ -92,13 +92,18 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int
 
 
 def per_class_table(matrix: np.ndarray) -> list[dict]:
-  """Per class: precision, recall (= accuracy on that class's images) and support."""
+  """Per class: precision, recall (the share of its images classified right), accuracy
+  (one-vs-rest: this class against all others, over every test image) and support."""
   rows = []
+  total = matrix.sum()
   for k, name in enumerate(CLASS_NAMES):
-    predicted_k = matrix[:, k].sum()
-    support = matrix[k].sum()
-    rows.append({'class': name, 'precision': float(matrix[k, k] / max(predicted_k, 1)),
-                 'recall': float(matrix[k, k] / max(support, 1)), 'support': int(support)})
+    tp = matrix[k, k]
+    predicted_k, support = matrix[:, k].sum(), matrix[k].sum()
+    true_negatives = total - predicted_k - support + tp
+    rows.append({'class': name, 'precision': float(tp / max(predicted_k, 1)),
+                 'recall': float(tp / max(support, 1)),
+                 'accuracy': float((tp + true_negatives) / max(total, 1)),
+                 'support': int(support)})
   return rows
 
 
@@ -144,9 +149,12 @@ def evaluate_test_set(workdir: str, index: int = 0, figures: bool = True, as_jso
   print(f'argmax: {first["predicted"]} ({first["predicted_class"]}); true label: '
         f'{first["label"]} ({first["label_class"]})')
   print(f'Test accuracy: {accuracy:.4f}\n')
-  print(f'{"class":12s} {"precision":>9s} {"recall":>9s} {"support":>8s}')
+  print(f'{"class":12s} {"precision":>9s} {"recall":>9s} {"accuracy":>9s} {"support":>8s}')
   for row in table:
-    print(f'{row["class"]:12s} {row["precision"]:9.4f} {row["recall"]:9.4f} {row["support"]:8d}')
+    print(f'{row["class"]:12s} {row["precision"]:9.4f} {row["recall"]:9.4f} '
+          f'{row["accuracy"]:9.4f} {row["support"]:8d}')
+  print('(recall: share of the class\'s images classified right; accuracy: one-vs-rest over all '
+        'test images)')
   for path in result.get('figures', []):
     print(f'wrote {path}')
   return result

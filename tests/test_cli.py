@@ -103,3 +103,43 @@ def test_learning_rates_must_match_num_models():
     validate.validate_config(config)
   config.learning_rates = (1e-3, 2e-3, 3e-3)
   validate.validate_config(config)
+
+
+def _broken_manual_dir(folder, source_dir, problem):
+  """The real IDX files with one problem injected into the small test split."""
+  import gzip
+  import shutil
+  import numpy as np
+  from fmnist_jax import idx
+  shutil.copytree(source_dir, folder)
+  images_name, labels_name, _ = idx.FILES['test']
+  images, labels = idx.load_split(source_dir, 'test')
+  if problem == 'wrong magic':
+    idx.write(str(folder / labels_name), images)  # An images file where labels belong.
+  elif problem == 'counts disagree':
+    idx.write(str(folder / labels_name), labels[:-1].astype(np.uint8))
+  elif problem == 'label out of range':
+    bad = labels.astype(np.uint8)
+    bad[7] = 11
+    idx.write(str(folder / labels_name), bad)
+  elif problem == 'truncated':
+    data = (folder / images_name).read_bytes()
+    (folder / images_name).write_bytes(data[:len(data) // 2])
+  elif problem == 'not gzip':
+    (folder / images_name).write_bytes(gzip.decompress((folder / images_name).read_bytes()))
+  return folder
+
+
+@pytest.mark.parametrize('problem, message', [
+    ('wrong magic', 't10k-labels-idx1-ubyte.gz: wrong IDX magic number'),
+    ('counts disagree', 'test split has 10000 images but 9999 labels'),
+    ('label out of range', 't10k-labels-idx1-ubyte.gz: label 11 outside 0-9'),
+    ('truncated', 't10k-images-idx3-ubyte.gz: truncated or corrupt gzip'),
+])
+def test_bad_data_files_are_one_line(problem, message, source_dir, tmp_path):
+  manual = _broken_manual_dir(tmp_path / 'manual', source_dir, problem)
+  result = run_cli('fmnist_jax.train', '--config', 'configs/test.py',
+                   f'--config.data.data_dir={tmp_path / "tfds"}',
+                   f'--config.data.manual_dir={manual}', f'--workdir={tmp_path / "w"}')
+  _assert_one_line_error(result, message)
+  assert not (tmp_path / 'tfds' / 'fashion_mnist' / '3.0.1').exists()  # Nothing half-prepared.
