@@ -6,8 +6,8 @@ cross-entropy, 5 epochs at batch 32 (1,875 steps per epoch), evaluated on all 10
 Command:
     python -m fmnist_jax.train --config configs/base.py --workdir workdirs/base
 
-Expected result: test accuracy 0.87-0.88 (the tutorial reports about 0.88), in about 2 s of
-training on a 2-core CPU (plus about 1 s of compilation).
+Expected result: test accuracy 0.87-0.88 (measured: 0.8728; the tutorial reports about 0.88), in
+about 2.5 s of training on a 2-core CPU, plus about 3 s of compilation.
 
 This file is the only home for defaults: the trainer reads every field and adds none of its own.
 """

@@ -216,6 +216,8 @@ class Trainer:
             if writer:
               _write_tensorboard(writer, entry)
           self.log(('\r' if self.tty else '') + epoch_line(entry, config.num_epochs, self.spe))
+          if self.signals.received and int(state.step) < self.total_steps:
+            raise self._interrupted(state)  # The epoch-end checkpoint is already saved.
       if writer:
         self._write_prediction_figure(writer, state, arrays['test'])
     finally:
@@ -252,13 +254,17 @@ class Trainer:
     if self.signals.received:
       if at_epoch_end:
         return  # The epoch-end checkpoint comes first; the loop stops after it.
-      raise Interrupted(f'{self.signals.received} received: stopped at step {step} '
-                        f'(epoch {epoch + 1}) and saved a checkpoint in {self.ckpt.directory}; '
-                        'run the same command again to resume.')
+      raise self._interrupted(state)
     if self.tty and not at_epoch_end:
       pos = step - epoch * self.spe
       self.log('\r' + progress_bar(epoch, self.config.num_epochs, pos, self.spe,
                                    time.perf_counter() - epoch_start_time), end='')
+
+  def _interrupted(self, state) -> Interrupted:
+    step = int(state.step)
+    return Interrupted(f'{self.signals.received} received: stopped at step {step} (epoch '
+                       f'{(step - 1) // self.spe + 1}) and saved a checkpoint in '
+                       f'{self.ckpt.directory}; run the same command again to resume.')
 
   def _check_finite(self, state) -> None:
     bad = int(state.first_nonfinite)

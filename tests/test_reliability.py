@@ -205,3 +205,21 @@ def test_unwritable_workdir_and_data_dir(data_dir, tmp_path):
     assert 'cannot be created (Permission denied)' in result.stderr
   finally:
     shutil.rmtree(base, ignore_errors=True)
+
+
+def test_signal_at_an_epoch_end_stops_after_its_checkpoint(data_dir, tmp_path, monkeypatch):
+  from fmnist_jax.errors import Interrupted
+  config = _config(data_dir)
+  config.checkpoint_every_steps = 0  # Whole-epoch chunks: the signal lands at the epoch end.
+  end_epoch = trainer.Trainer._end_epoch
+
+  def end_epoch_with_signal(self, *args):
+    self.signals.received = 'SIGTERM'  # As if it arrived during the last chunk.
+    return end_epoch(self, *args)
+
+  monkeypatch.setattr(trainer.Trainer, '_end_epoch', end_epoch_with_signal)
+  with pytest.raises(Interrupted, match='SIGTERM received: stopped at step 938 \\(epoch 1\\)'):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert len(_untimed(tmp_path)) == 1  # Not a step of epoch 2 ran.
+  state, _ = restore_state(config, tmp_path)
+  assert int(state.step) == 938
