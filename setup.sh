@@ -28,7 +28,6 @@ fi
 stamp=".venv/.fmnist_jax-$(cat pyproject.toml setup.sh | sha1sum | cut -c1-12)-${EXTRAS//,/_}"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing fmnist_jax[$EXTRAS] into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip
   if [[ ",$EXTRAS," == *",bench,"* ]]; then
     # A torch that is already there is kept; else 2.13.0, whose CPU build lies on this project's
     # CI machines (elsewhere, install the torch build you want first).

@@ -11,7 +11,7 @@ from tests.conftest import run_cli
 
 def test_quick_benchmark_writes_a_report(data_dir, tmp_path):
   result = run_cli('benchmarks.run', '--quick', '--out', str(tmp_path),
-                   '--peers', 'fmnist_jax-device,torch-eager,keras-jax-tuned',
+                   '--peers', 'fmnist_jax-device,torch-eager',
                    '--epochs', '2', env={'TFDS_DATA_DIR': data_dir})
   assert result.returncode == 0, result.stderr[-3000:]
   files = sorted(os.listdir(tmp_path))
@@ -22,7 +22,7 @@ def test_quick_benchmark_writes_a_report(data_dir, tmp_path):
   assert device['test_accuracy']['median'] >= 0.8
   assert device['train_seconds']['median'] > 0 and device['compile_seconds']['median'] > 0
   assert len(device['runs'][0]['raw']['epochs']) == 2
-  for peer in ('torch-eager', 'keras-jax-tuned'):
+  for peer in ('torch-eager',):
     # Installed peers are measured; missing ones are listed with the reason, never dropped.
     assert peer in results['tutorial'] or peer in results['skipped']
   assert results['throughput']['fmnist_jax-device']['8192']['steps_per_second'] > 0
