@@ -57,7 +57,8 @@ def _data_config(workdir: str):
     return _CONFIG.value.data
   import ml_collections  # pylint: disable=g-import-not-at-top
   from configs import base  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'config.json')
+  from fmnist_jax import trainer  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, trainer.CONFIG)
   if os.path.isfile(path):
     with open(path) as f:
       return ml_collections.ConfigDict(json.load(f)['data'])

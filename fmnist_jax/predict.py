@@ -21,7 +21,6 @@ from fmnist_jax import cli
 from fmnist_jax.errors import UserError
 
 
-
 def _define_flags():
   """CLI flags, defined only when run as a program (the trainer imports this module too)."""
   flags.DEFINE_string('workdir', 'workdirs/base', 'A workdir written by fmnist_jax.train.')
@@ -112,14 +111,14 @@ def evaluate_test_set(workdir: str, index: int = 0, figures: bool = True, as_jso
   from fmnist_jax import data, plots  # pylint: disable=g-import-not-at-top
   config, graphdef, params = load_trained(workdir)
   test = data.load(config.data)['test']
+  if not 0 <= index < len(test['label']):  # Checked before the predictions are computed.
+    raise UserError(f'--index={index} is outside the test set (0-{len(test["label"]) - 1}).')
   images, labels = test['image'], test['label']
   probs = predict_probs(config, graphdef, params, images)
   predicted = probs.argmax(axis=1)
   matrix = confusion_matrix(labels, predicted)
   table = per_class_table(matrix)
   accuracy = float((predicted == labels).mean())
-  if not 0 <= index < len(labels):
-    raise UserError(f'--index={index} is outside the test set (0-{len(labels) - 1}).')
   result = {'test_accuracy': accuracy, 'first_prediction': {
       'index': index, 'confidences': probs[index].round(6).tolist(),
       'predicted': int(predicted[index]), 'predicted_class': CLASS_NAMES[predicted[index]],

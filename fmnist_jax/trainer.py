@@ -223,7 +223,7 @@ class Trainer:
     finally:
       if writer:
         writer.close()
-    summary = self._summary(state, test, steps_run)
+    summary = self._summary(state, arrays['test'], steps_run)
     if self.main:
       write_json_atomic(self._path(SUMMARY), summary)
     self.log(result_line(summary))
@@ -413,17 +413,10 @@ class Trainer:
 
   def _model_stats(self, state, test) -> dict:
     """Spread of the K models' test accuracies, and the accuracy of their averaged probabilities."""
+    from fmnist_jax import predict  # pylint: disable=g-import-not-at-top
     accs = np.asarray(self.history[-1]['per_model']['test_accuracy'])
-    logits = jax.vmap(self.steps.logits, in_axes=(0, None))
-
-    @jax.jit
-    def ensemble_correct(params, test):
-      def body(total, batch):
-        probs = jax.nn.softmax(logits(params, batch['image'])).mean(axis=0)
-        return total + jnp.sum((probs.argmax(-1) == batch['label']) * batch['mask']), None
-      return jax.lax.scan(body, jnp.zeros(()), test)[0]
-
-    ensemble = float(ensemble_correct(state.params, test)) / self.num_test
+    probs = predict.predict_probs(self.config, self.graphdef, _host_params(state), test['image'])
+    ensemble = float((probs.argmax(axis=1) == test['label']).mean())
     return {'test_accuracy_mean': float(accs.mean()), 'test_accuracy_std': float(accs.std()),
             'test_accuracy_min': float(accs.min()), 'test_accuracy_max': float(accs.max()),
             'ensemble_test_accuracy': ensemble,
@@ -434,9 +427,8 @@ class Trainer:
     """The tutorial's prediction grid (first 15 test images) as a TensorBoard image."""
     from fmnist_jax import plots, predict  # pylint: disable=g-import-not-at-top
     images, labels = test['image'][:15], test['label'][:15]
-    # A host copy: only this process draws, so nothing may run over other processes' devices.
-    params = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.params)
-    probs = predict.predict_probs(self.config, self.graphdef, params, images, batch_size=16)
+    probs = predict.predict_probs(self.config, self.graphdef, _host_params(state), images,
+                                  batch_size=16)
     writer.add_figure('predictions', plots.prediction_grid(images, probs, labels),
                       self.config.num_epochs)
     writer.flush()
@@ -446,6 +438,12 @@ class Trainer:
       return None
     import tensorboardX  # pylint: disable=g-import-not-at-top
     return tensorboardX.SummaryWriter(self._path('tensorboard'))
+
+
+def _host_params(state):
+  """A host copy of the (replicated) parameters, so that code running on one process alone never
+  launches work over other processes' devices."""
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.params)
 
 
 def model_param_count(params, num_models: int) -> int:
