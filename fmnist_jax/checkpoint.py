@@ -10,6 +10,7 @@ The state is stored as a flat {path: array} dict, so restoring needs only the fr
 state as a template, whatever pytree classes (NNX State, optax tuples) it contains.
 """
 
+import glob
 import hashlib
 import json
 import os
@@ -30,6 +31,9 @@ from fmnist_jax.errors import UserError
 COMPATIBLE_FIELDS = ('model', 'hidden_sizes', 'num_classes', 'optimizer', 'learning_rate', 'b1',
                      'b2', 'eps', 'batch_size', 'seed', 'input_mode', 'compute_dtype',
                      'num_models', 'learning_rates')
+
+
+LAYOUT = ('devices', 'processes')  # Not config fields: the run's device layout.
 
 
 def fingerprint(config) -> dict[str, Any]:
@@ -92,9 +96,19 @@ class Checkpointer:
   def save(self, state, record: dict) -> None:
     flat = _flatten(state)
     record = dict(record, checksum=checksum(flat, record))
-    self._manager.save(int(record['step']), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(flat), record=ocp.args.JsonSave(record)), force=True)
-    self._manager.wait_until_finished()
+    try:
+      self._manager.save(int(record['step']), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(flat), record=ocp.args.JsonSave(record)), force=True)
+      self._manager.wait_until_finished()
+    except BaseException:
+      self._remove_partial()  # A full disk must not leave half a checkpoint behind.
+      raise
+
+  def _remove_partial(self) -> None:
+    """Deletes orbax's temporary folders of an unfinished save (process 0)."""
+    if jax.process_index() == 0:
+      for path in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):
+        shutil.rmtree(path, ignore_errors=True)
 
   def steps(self) -> list[int]:
     """Complete checkpoints, newest first."""
@@ -124,8 +138,9 @@ class Checkpointer:
         continue  # Damaged: restore() reports it.
       now = fingerprint(config)
       # Records written before the device layout was recorded match any layout.
-      diff = [f'{k} (checkpoint {saved.get(k)!r}, now {now[k]!r})' for k in now
-              if saved.get(k, now[k] if k in ('devices', 'processes') else None) != now[k]]
+      diff = [f'{k} (checkpoint {saved.get(k)!r}, {"now" if k in LAYOUT else "config"} '
+              f'{now[k]!r})' for k in now
+              if saved.get(k, now[k] if k in LAYOUT else None) != now[k]]
       if diff:
         raise UserError(f'the checkpoint in {self.directory} was made with a different setup: '
                         f'{"; ".join(diff)}. Use the same config and devices to resume, another '

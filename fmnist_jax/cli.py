@@ -1,5 +1,7 @@
 """Shared command-line plumbing: absl flag parsing whose mistakes become one-line errors."""
 
+import logging as pylogging
+import os
 import re
 import sys
 from typing import Callable, Sequence
@@ -47,9 +49,38 @@ def parse_flags(argv: Sequence[str], config_flags_to_load: Sequence[str] = ()) -
     raise UserError(_describe(e, argv)) from None
 
 
+class _QuietFrameworks(pylogging.Filter):
+  """Drops tfds's and orbax's warnings about their own internals (e.g. "Variant folder ... has no
+  dataset_info.json" while preparing) unless --verbosity asks for INFO or more."""
+
+  def filter(self, record):
+    if logging.get_verbosity() >= logging.INFO or record.levelno >= pylogging.ERROR:
+      return True
+    return not any(part in record.pathname for part in _QUIET_PACKAGES)
+
+
+_QUIET_PACKAGES = (f'{os.sep}tensorflow_datasets{os.sep}', f'{os.sep}orbax{os.sep}')
+
+
 def run(main: Callable[[list[str]], None], config_flags_to_load: Sequence[str] = ()) -> None:
-  """absl's app.run with one-line errors (UserError) instead of tracebacks."""
+  """absl's app.run with one-line errors (UserError) instead of tracebacks, quiet frameworks,
+  and a prompt exit."""
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file operation at INFO.
+  logging.get_absl_handler().addFilter(_QuietFrameworks())
   with exit_on_user_error():
-    app.run(main, argv=sys.argv,
+    app.run(_exiting_promptly(main), argv=sys.argv,
             flags_parser=lambda argv: parse_flags(argv, config_flags_to_load))
+
+
+def _exiting_promptly(main):
+  """Ends a single-process program as soon as `main` returns: the interpreter's teardown of JAX,
+  TensorFlow and orbax thread pools takes most of a second and has nothing left to do."""
+  def wrapped(argv):
+    main(argv)
+    jax = sys.modules.get('jax')
+    if jax is not None and jax.distributed.is_initialized():
+      return  # jax.distributed's own shutdown must run: it syncs with the other processes.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # pylint: disable=protected-access
+  return wrapped

@@ -16,15 +16,21 @@ This module knows nothing about models or devices: it returns numpy arrays and n
 `{'image': uint8 [B, 28, 28], 'label': int32 [B], 'mask': float32 [B]}`.
 """
 
+import contextlib
 import glob
 import io
 import json
 import os
+import shutil
+import socket
+import sys
 import time
+import urllib.parse
 import zipfile
 from typing import Iterator
 
 import numpy as np
+from absl import logging
 
 from fmnist_jax import idx
 from fmnist_jax import workdir as workdir_lib
@@ -71,22 +77,70 @@ def load(data_config, verbose: bool = False) -> Arrays:
   """Returns {'train'|'test': {'image': uint8 [N, 28, 28], 'label': int32 [N]}}.
 
   Uses the decoded copy when it is valid; otherwise prepares (or downloads) the tfds dataset,
-  reads it and writes the copy. Raises DataError with the fix when nothing works.
+  reads it and writes the copy. A damaged prepared dataset is rebuilt when the IDX files (or a
+  download) can rebuild it. Raises DataError with the fix when nothing works.
   """
   root = data_dir(data_config)
   arrays = _load_copy(root)
   if arrays is not None:
     return arrays
-  start = time.perf_counter()
+  with workdir_lib.storage_errors(root):
+    start = time.perf_counter()
+    _remove_leftovers(root)
+    try:
+      arrays, version = _from_tfds(root, data_config, verbose)
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (any reader error means damage)
+      folder = os.path.join(root, DATASET)
+      if manual_dir(data_config) is None and not data_config.download:
+        raise DataError(f'the prepared dataset in {folder} is damaged ({type(e).__name__}) and '
+                        f'there are no IDX files to rebuild it from; delete {folder} and '
+                        f'{HOW_TO_GET}.') from None
+      print(f'warning: the prepared dataset in {folder} is damaged ({type(e).__name__}); '
+            'rebuilding it.', file=sys.stderr, flush=True)
+      _remove_prepared(root)
+      arrays, version = _from_tfds(root, data_config, verbose)
+    _write_copy(root, version, arrays)
+  if verbose:
+    print(f'Prepared {DATASET} {version} in {root} ({time.perf_counter() - start:.1f} s).',
+          flush=True)
+  return arrays
+
+
+def _from_tfds(root: str, data_config, verbose: bool) -> tuple[Arrays, str]:
+  """The arrays of the prepared tfds dataset (prepared first if needed), and its version."""
   builder = _builder(root)
   if not builder.is_prepared():
     builder = _prepare(root, data_config, verbose)
   arrays = _read_tfds(builder)
-  _write_copy(root, str(builder.version), arrays)
-  if verbose:
-    print(f'Prepared {DATASET} {builder.version} in {root} '
-          f'({time.perf_counter() - start:.1f} s).', flush=True)
-  return arrays
+  for split in SPLITS:
+    if len(arrays[split]['label']) != idx.FILES[split][2]:
+      raise ValueError(f'{split} split has {len(arrays[split]["label"])} examples')
+  return arrays, str(builder.version)
+
+
+def _remove_prepared(root: str) -> None:
+  """Deletes the prepared tfds versions and decoded copies (derived data, rebuilt next)."""
+  folder = os.path.join(root, DATASET)
+  for name in os.listdir(folder) if os.path.isdir(folder) else ():
+    target = os.path.join(folder, name)
+    if os.path.isdir(target) and not os.path.islink(target):
+      shutil.rmtree(target)
+    elif name.startswith('fmnist_jax-'):
+      os.unlink(target)
+
+
+def _remove_leftovers(root: str) -> None:
+  """Removes what an interrupted preparation left: tfds's incomplete.* folders, our .tmp files."""
+  folder = os.path.join(root, DATASET)
+  for path in glob.glob(os.path.join(folder, 'incomplete.*')) + glob.glob(
+      os.path.join(folder, '.fmnist_jax-*.tmp')):
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _idx_names():
@@ -141,7 +195,10 @@ def _write_copy(root: str, version: str, arrays: Arrays) -> None:
 
 def import_tensorflow():
   """Imports TensorFlow with every GPU and TPU hidden from it, so it never takes their memory."""
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  if not cli_verbose():
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    # TensorFlow only decodes PNGs and batches here; its oneDNN kernels would only add a banner.
+    os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   for kind in ('GPU', 'TPU'):
     try:
@@ -154,7 +211,8 @@ def import_tensorflow():
 def _builder(root: str, source: str | None = None):
   """tfds's fashion_mnist builder; with `source`, one that reads the IDX files in that folder."""
   workdir_lib.check_writable(os.path.join(root, DATASET), 'data dir',
-                             'choose another with --config.data.data_dir or $TFDS_DATA_DIR')
+                             'choose another with --config.data.data_dir or $TFDS_DATA_DIR',
+                             DataError)
   import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
@@ -202,21 +260,53 @@ def _prepare(root: str, data_config, verbose: bool):
                     f'and data.download is off; {HOW_TO_GET}.')
   if source is None:
     builder = _builder(root)
+    url = tfds.image_classification.FashionMNIST.URL
+    unreachable = _unreachable(url)
+    if unreachable:  # Decided in seconds, instead of minutes of tfds's retries.
+      raise DataError(f'Fashion-MNIST not found locally and tfds cannot download it ({url} '
+                      f'is unreachable: {unreachable}); {HOW_TO_GET}.')
     if verbose:
       print(f'No local IDX files; asking tfds to download {DATASET}.', flush=True)
     try:
-      builder.download_and_prepare()
+      with _quiet_stdout():
+        builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except
-      cause = ' '.join(str(e).split())[:120]
+      cause = ' '.join(str(e).split())
       raise DataError(f'Fashion-MNIST not found locally and tfds could not download it '
                       f'({type(e).__name__}: {cause}); {HOW_TO_GET}.') from None
     return builder
   builder = _builder(root, source)
   if verbose:
     print(f'Preparing tfds {DATASET} {builder.version} from {source}.', flush=True)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  with _quiet_stdout():  # tfds prints "Downloading and preparing ... Unknown size" banners.
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
+
+
+def _unreachable(url: str, timeout: float = 3.0) -> str | None:
+  """Why `url`'s host cannot be reached (name lookup or TCP connect), or None when it can."""
+  parts = urllib.parse.urlsplit(url)
+  port = parts.port or (443 if parts.scheme == 'https' else 80)
+  try:
+    with socket.create_connection((parts.hostname, port), timeout=timeout):
+      return None
+  except OSError as e:
+    return e.strerror or type(e).__name__
+
+
+def cli_verbose() -> bool:
+  """Whether absl's --verbosity asks for INFO or more (then framework messages are shown)."""
+  return logging.get_verbosity() >= logging.INFO
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+  if cli_verbose():
+    yield
+    return
+  with contextlib.redirect_stdout(io.StringIO()):
+    yield
 
 
 def _read_tfds(builder) -> Arrays:

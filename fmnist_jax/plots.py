@@ -3,6 +3,7 @@
 Usable inline in a notebook; the CLIs save them with `save()` under a headless backend.
 """
 
+import io
 import os
 import sys
 
@@ -18,10 +19,13 @@ RIGHT, WRONG, NEUTRAL = 'tab:blue', 'tab:red', '#777777'
 
 
 def save(fig: Figure, directory: str, name: str) -> str:
-  """Saves `fig` as <directory>/<name>.png and returns the path."""
+  """Saves `fig` as <directory>/<name>.png (through a new temporary file: a link planted at that
+  name is replaced, never followed) and returns the path."""
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, f'{name}.png')
-  fig.savefig(path, dpi=100, bbox_inches='tight')
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100, bbox_inches='tight')
+  workdir_lib.write_atomic(path, buffer.getvalue())
   return path
 
 

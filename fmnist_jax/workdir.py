@@ -52,17 +52,19 @@ def check_local(path: str, option: str = '--workdir') -> None:
                        'shared (NFS, Filestore, gcsfuse-mounted) folder path.')
 
 
-def check_writable(folder: str, what: str, fix: str) -> str:
-  """Creates `folder` if needed; a file, an uncreatable or an unwritable folder is a UserError."""
+def check_writable(folder: str, what: str, fix: str, error=None) -> str:
+  """Creates `folder` if needed; a file, an uncreatable or an unwritable folder raises `error`
+  (a UserError class, default WorkdirError) naming `what` and the `fix`."""
+  error = error or WorkdirError
   folder = os.path.abspath(folder)
   if os.path.exists(folder) and not os.path.isdir(folder):
-    raise WorkdirError(f'{what} {folder} is a file, not a folder; {fix}.')
+    raise error(f'{what} {folder} is a file, not a folder; {fix}.')
   try:
     os.makedirs(folder, exist_ok=True)
   except OSError as e:
-    raise WorkdirError(f'{what} {folder} cannot be created ({e.strerror}); {fix}.') from None
+    raise error(f'{what} {folder} cannot be created ({e.strerror}); {fix}.') from None
   if not os.access(folder, os.W_OK | os.X_OK):
-    raise WorkdirError(f'{what} {folder} is not writable; {fix}.')
+    raise error(f'{what} {folder} is not writable; {fix}.')
   return folder
 
 
@@ -84,10 +86,15 @@ def storage_error(error: BaseException, folder: str) -> UserError | None:
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
-      return UserError(f'{STORAGE_ERRNOS[error.errno]} the device holding {folder}: free some '
-                       'space (or fix the mount) and run the same command again to resume; '
-                       'what was saved before is intact.')
+    code = error.errno if isinstance(error, OSError) else None
+    if code not in STORAGE_ERRNOS:  # orbax / TensorStore report it inside a message.
+      text = str(error)
+      code = next((c for c in STORAGE_ERRNOS
+                   if f"os_error_code='{c}'" in text or os.strerror(c) in text), None)
+    if code in STORAGE_ERRNOS:
+      return UserError(f'{STORAGE_ERRNOS[code]} the device holding {folder}: free some space '
+                       '(or fix the mount) and run the same command again to resume; what was '
+                       'saved before is intact.')
     error = error.__cause__ or error.__context__
   return None
 
@@ -133,7 +140,13 @@ def write_json_lines(target: str, objs: Iterable[Any]) -> None:
 
 def append_json_line(target: str, obj: Any) -> None:
   """Appends one JSON line; refuses to follow a link planted at `target`."""
-  fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+  try:
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+  except OSError as e:
+    if e.errno != errno.ELOOP:
+      raise
+    raise WorkdirError(f'{target} is a symbolic link; remove it and run the same command again '
+                       '(it is rewritten from the checkpoint).') from None
   with os.fdopen(fd, 'a') as f:
     f.write(json.dumps(obj) + '\n')
     f.flush()
@@ -216,7 +229,13 @@ class Lock:
     self._fd = None
 
   def acquire(self) -> None:
-    fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+      fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+      if e.errno != errno.ELOOP:
+        raise
+      raise WorkdirError(f'{self._path} is a symbolic link; remove it (the lock file is '
+                         'created by the training itself).') from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

@@ -160,3 +160,46 @@ def test_tfds_stream_pads_and_covers_every_example(config):
   halves = [list(stream.batches(768, process_index=p, process_count=2)) for p in (0, 1)]
   np.testing.assert_array_equal(
       np.concatenate([halves[0][0]['label'], halves[1][0]['label']]), batches[0]['label'])
+
+
+def _damaged_copy(data_dir, root, damage):
+  """A copy of the prepared data with `damage` done to the tfds files, without the decoded copy."""
+  import shutil
+  shutil.copytree(data_dir, root)
+  for copy in glob.glob(os.path.join(root, 'fashion_mnist', 'fmnist_jax-*.npz')):
+    os.unlink(copy)
+  version = os.path.join(root, 'fashion_mnist', '3.0.1')
+  if damage in ('tfrecord', 'both'):
+    record = glob.glob(os.path.join(version, '*train.tfrecord*'))[0]
+    with open(record, 'r+b') as f:
+      f.truncate(os.path.getsize(record) // 2)
+  if damage in ('info', 'both'):
+    with open(os.path.join(version, 'dataset_info.json'), 'w') as f:
+      f.write('{"name": "fashion_mnist", "splits": [garbage')
+
+
+@pytest.mark.parametrize('damage', ['tfrecord', 'info'])
+def test_damaged_prepared_data_without_a_source_is_named(damage, data_dir, tmp_path, monkeypatch):
+  root = tmp_path / 'tfds'
+  _damaged_copy(data_dir, root, damage)
+  monkeypatch.setattr(data, 'DEBIAN_DIR', str(tmp_path / 'none'))
+  monkeypatch.delenv(data.MANUAL_DIR_ENV, raising=False)
+  config = _config(root)
+  config.download = False
+  with pytest.raises(data.DataError, match='the prepared dataset in .*fashion_mnist is damaged'):
+    data.load(config)
+
+
+def test_damaged_prepared_data_heals(data_dir, arrays, source_dir, tmp_path):
+  """A truncated tfrecord and a garbage dataset_info.json are detected and rebuilt from the IDX
+  files; what an interrupted preparation left behind is removed."""
+  root = tmp_path / 'tfds'
+  _damaged_copy(data_dir, root, 'both')
+  os.makedirs(root / 'fashion_mnist' / 'incomplete.ABC123_3.0.1')
+  (root / 'fashion_mnist' / '.fmnist_jax-3.0.1.npz.x.tmp').write_bytes(b'half')
+  healed = data.load(_config(root, source_dir))
+  for split in ('train', 'test'):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(healed[split][key], arrays[split][key])
+  assert not glob.glob(str(root / 'fashion_mnist' / 'incomplete.*'))
+  assert not glob.glob(str(root / 'fashion_mnist' / '*.tmp'))

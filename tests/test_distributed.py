@@ -1,14 +1,22 @@
 """Several devices and processes on the CPU, bf16, and many models at once."""
 
 import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import time
+
+import jax
 
 import numpy as np
 import pytest
 
 
 from fmnist_jax import trainer
-from tests.conftest import load_test_config, restore_state, run_cli
+from tests.conftest import ROOT, load_test_config, restore_state, run_cli
 
 
 def _free_port():
@@ -62,28 +70,77 @@ def test_batch_must_divide_over_devices(data_dir, tmp_path):
           '--config.batch_size=56 or 64.') in result.stderr
 
 
-def test_two_processes_train_together(one_device, data_dir, tmp_path):
-  import os
-  import subprocess
-  import sys
+def _start_two_processes(data_dir, workdir, *extra):
   port = _free_port()
   procs = []
   for rank in range(2):
-    args = _train_args(data_dir, tmp_path, f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+    args = _train_args(data_dir, workdir,
+                       f'--config.distributed.coordinator_address=127.0.0.1:{port}',
                        '--config.distributed.num_processes=2',
-                       f'--config.distributed.process_id={rank}', '--config.progress=True')
+                       f'--config.distributed.process_id={rank}', '--config.progress=True', *extra)
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
                TF_CPP_MIN_LOG_LEVEL='3')
     procs.append(subprocess.Popen([sys.executable, '-m', *args], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=env))
+                                  stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+  return procs
+
+
+EVERY = 100  # Chunk length (and checkpoint interval) of the two-process runs.
+
+
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory, data_dir):
+  """An uninterrupted two-process run: (workdir, stdouts)."""
+  workdir = tmp_path_factory.mktemp('two')
+  procs = _start_two_processes(data_dir, workdir, f'--config.checkpoint_every_steps={EVERY}')
   outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outputs):
+  for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
-  summary = json.loads((tmp_path / 'summary.json').read_text())
+  return workdir, [out for out, _ in outputs]
+
+
+def test_two_processes_train_together(one_device, two_processes):
+  workdir, stdouts = two_processes
+  summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['devices'] == 4 and summary['processes'] == 2
   _assert_same_run(summary, one_device)
   # Only process 0 reports (and writes summaries, metrics and figures).
-  assert 'Test accuracy' in outputs[0][0] and 'Test accuracy' not in outputs[1][0]
+  assert 'Test accuracy' in stdouts[0] and 'Test accuracy' not in stdouts[1]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(data_dir, two_processes, tmp_path):
+  """Only process 1 is signalled: both agree at the next chunk boundary, save the same step and
+  exit 130; the resumed run is bitwise identical to the uninterrupted one."""
+  reference, _ = two_processes
+  procs = _start_two_processes(data_dir, tmp_path, f'--config.checkpoint_every_steps={EVERY}')
+  folder = tmp_path / 'checkpoints'
+  deadline = time.time() + 300
+  while not (folder.exists() and any(n.isdigit() for n in os.listdir(folder))):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), 'no checkpoint'
+    time.sleep(0.01)
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=300) for p in procs]
+  if all(p.returncode == 0 for p in procs):
+    pytest.skip('the run finished before the signal arrived')
+  stopped = []
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 130, err[-3000:]
+    assert 'Traceback' not in err
+    stopped.append(int(re.search(r'stopped at step (\d+)', err).group(1)))
+  assert stopped[0] == stopped[1] < 938
+  assert 'SIGTERM received' in outputs[1][1]
+  config = load_test_config()
+  state, _ = restore_state(config, tmp_path)
+  assert int(state.step) == stopped[0]
+  procs = _start_two_processes(data_dir, tmp_path, f'--config.checkpoint_every_steps={EVERY}')
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  a, _ = restore_state(config, tmp_path)
+  b, _ = restore_state(config, reference)
+  assert int(a.step) == int(b.step) == 938
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_bfloat16_stays_within_a_point(one_device, config, tmp_path):
@@ -92,7 +149,6 @@ def test_bfloat16_stays_within_a_point(one_device, config, tmp_path):
   assert summary['compute_dtype'] == 'bfloat16'
   assert abs(summary['test_accuracy'] - one_device['test_accuracy']) <= 0.01
   state, _ = restore_state(config, tmp_path)
-  import jax
   assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))} == {
       np.dtype('float32'), np.dtype('int32')}  # f32 parameters and Adam moments (int count).
 

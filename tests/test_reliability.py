@@ -15,6 +15,7 @@ import pytest
 
 
 from fmnist_jax import trainer
+from fmnist_jax.errors import UserError
 from tests.conftest import load_test_config, ROOT, restore_state, run_cli
 
 EVERY = 50  # Checkpoint interval of these tests: many mid-epoch checkpoints.
@@ -117,15 +118,32 @@ def test_stop_signal_saves_and_resumes(sig, data_dir, reference, tmp_path):
   _assert_bitwise_same_run(_config(data_dir), tmp_path, reference)
 
 
-def test_damaged_latest_checkpoint_falls_back(data_dir, reference, tmp_path):
+def _data_files(step_dir):
+  """The files of a checkpoint's array data (orbax's OCDBT data files), largest first."""
+  found = [os.path.join(root, name) for root, _, files in os.walk(step_dir / 'state')
+           for name in files]
+  return sorted(found, key=os.path.getsize, reverse=True)
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'flip'])
+def test_damaged_latest_checkpoint_falls_back(damage, data_dir, reference, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(reference, workdir)
   (workdir / 'summary.json').unlink()  # As if it died right after the last checkpoint.
   latest = max(int(n) for n in os.listdir(workdir / 'checkpoints') if n.isdigit())
-  for root, _, files in os.walk(workdir / 'checkpoints' / str(latest) / 'state'):
-    for name in files:
-      with open(os.path.join(root, name), 'r+b') as f:
+  if damage == 'truncate':
+    for path in _data_files(workdir / 'checkpoints' / str(latest)):
+      with open(path, 'r+b') as f:
         f.truncate(3)
+  else:  # Three flipped bytes in the middle of the data: restores "fine" without a checksum.
+    path = _data_files(workdir / 'checkpoints' / str(latest))[0]
+    with open(path, 'r+b') as f:
+      size = f.seek(0, 2)
+      for offset in (size // 2, size // 2 + 1000, size // 2 + 2000):
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
   result = run_cli('fmnist_jax.train', *_args(data_dir, workdir))
   assert result.returncode == 0, result.stderr[-2000:]
   assert f'checkpoint {latest} in' in result.stderr and 'damaged' in result.stderr
@@ -150,6 +168,8 @@ def _tree_digest(folder):
   for root, dirs, files in sorted(os.walk(folder)):
     dirs.sort()
     for name in sorted(files):
+      if name == '.lock':
+        continue  # Lock metadata (who holds it), not data.
       path = os.path.join(root, name)
       digest.update(path.encode())
       with open(path, 'rb') as f:
@@ -175,36 +195,39 @@ def test_failed_runs_damage_nothing(data_dir, reference, tmp_path):
 
 
 def test_unwritable_workdir_and_data_dir(data_dir, tmp_path):
-  """Permissions: as root these cannot fail, so run as the unprivileged user 'nobody'."""
-  if os.geteuid() != 0 or not shutil.which('setpriv'):
-    pytest.skip('needs root and setpriv to switch to an unprivileged user')
-  base = f'/tmp/fmnist_perm_{os.getpid()}'
-  os.makedirs(f'{base}/locked', exist_ok=True)
-  for writable in ('w', 'home'):
-    os.makedirs(f'{base}/{writable}')
-    os.chmod(f'{base}/{writable}', 0o777)
-  os.chmod(base, 0o755)
-  os.chmod(f'{base}/locked', 0o555)
-  shutil.copytree(data_dir, f'{base}/data')
-  os.chmod(f'{base}/data', 0o755)
-  try:
-    nobody = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', sys.executable,
-              '-m', 'fmnist_jax.train', '--config', 'configs/test.py']
-    env = dict(os.environ, HOME=f'{base}/home', TF_CPP_MIN_LOG_LEVEL='3')
-    result = subprocess.run(nobody + [f'--workdir={base}/locked/run'], capture_output=True,
-                            text=True, cwd=ROOT, env=env)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert 'cannot be created (Permission denied)' in result.stderr
-    result = subprocess.run(nobody + [f'--workdir={base}/locked'], capture_output=True,
-                            text=True, cwd=ROOT, env=env)
-    assert 'workdir' in result.stderr and 'is not writable' in result.stderr
-    result = subprocess.run(nobody + [f'--config.data.data_dir={base}/locked/tfds',
-                                      f'--workdir={base}/w'], capture_output=True, text=True,
-                            cwd=ROOT, env=env)
-    assert result.returncode == 2 and 'Traceback' not in result.stderr
-    assert 'cannot be created (Permission denied)' in result.stderr
-  finally:
-    shutil.rmtree(base, ignore_errors=True)
+  """Paths under /proc refuse writes even to root, whatever the checkout's permissions."""
+  cases = [
+      ([f'--config.data.data_dir={data_dir}', '--workdir=/proc/fmnist_jax_test/run'],
+       'workdir /proc/fmnist_jax_test/run cannot be created (No such file or directory)'),
+      ([f'--config.data.data_dir={data_dir}', '--workdir=/proc/self'],
+       'workdir /proc/self is not writable'),
+      (['--config.data.data_dir=/proc/fmnist_jax_test/tfds', f'--workdir={tmp_path / "w"}'],
+       'data dir /proc/fmnist_jax_test/tfds/fashion_mnist cannot be created'),
+      ([f'--config.data.data_dir={data_dir}', '--workdir=gs://bucket/run'],
+       'cloud storage URLs are not supported'),
+  ]
+  for args, expected in cases:
+    result = run_cli('fmnist_jax.train', '--config', 'configs/test.py', *args)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_one_training_per_workdir(data_dir, reference, tmp_path):
+  """A second training in a busy workdir stops at once naming the first; a killed one's lock is
+  no obstacle."""
+  first = _start(data_dir, tmp_path)
+  _wait_for_checkpoint(first, tmp_path, EVERY)
+  second = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path), timeout=120)
+  assert second.returncode == 2 and 'Traceback' not in second.stderr, second.stderr[-2000:]
+  assert f'another training (pid {first.pid} on ' in second.stderr
+  assert 'is writing to' in second.stderr
+  first.send_signal(signal.SIGKILL)  # Leaves .lock behind, unlocked.
+  first.communicate()
+  assert (tmp_path / '.lock').exists()
+  result = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path))
+  assert result.returncode == 0, result.stderr[-2000:]
+  _assert_bitwise_same_run(_config(data_dir), tmp_path, reference)
 
 
 def test_signal_at_an_epoch_end_stops_after_its_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -224,3 +247,185 @@ def test_signal_at_an_epoch_end_stops_after_its_checkpoint(data_dir, tmp_path, m
   assert len(_untimed(tmp_path)) == 1  # Not a step of epoch 2 ran.
   state, _ = restore_state(config, tmp_path)
   assert int(state.step) == 938
+
+
+def _state_bytes(state):
+  return [np.asarray(x).tobytes() for x in jax.tree.leaves(state)]
+
+
+def test_random_bit_flips_never_change_the_restored_state(data_dir, reference, tmp_path):
+  """Each flip in the newest checkpoint is either caught by its checksum (the previous one is
+  restored) or has no effect on what is restored."""
+  from fmnist_jax import checkpoint, steps
+  config = _config(data_dir)
+  _, template = steps.init_state(config)
+  ckpt_dir = reference / 'checkpoints'
+  steps_saved = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  newest, previous = steps_saved[-1], steps_saved[-2]
+  expected = {newest: _state_bytes(restore_state(config, reference)[0])}
+  without_newest = tmp_path / 'previous'
+  shutil.copytree(reference, without_newest)
+  shutil.rmtree(without_newest / 'checkpoints' / str(newest))
+  expected[previous] = _state_bytes(restore_state(config, without_newest)[0])
+  files = [os.path.join(root, name) for root, _, names in os.walk(ckpt_dir / str(newest))
+           for name in names]
+  rng = np.random.default_rng(0)
+  outcomes = {newest: 0, previous: 0}
+  for trial in range(40):
+    workdir = tmp_path / f'trial{trial}'
+    os.makedirs(workdir)
+    shutil.copytree(ckpt_dir, workdir / 'checkpoints')
+    # Most flips land in the array data, the rest anywhere in the checkpoint's files.
+    data = _data_files(ckpt_dir / str(newest))
+    path = data[0] if trial % 4 else files[rng.integers(len(files))]
+    path = str(workdir / os.path.relpath(path, reference))
+    size = os.path.getsize(path)
+    if not size:
+      continue
+    offset = int(rng.integers(size))
+    with open(path, 'r+b') as f:
+      f.seek(offset)
+      byte = f.read(1)[0]
+      f.seek(offset)
+      f.write(bytes([byte ^ (1 << int(rng.integers(8)))]))
+    ckpt = checkpoint.Checkpointer(str(workdir), 2)
+    try:
+      state, _ = ckpt.restore(template)
+    finally:
+      ckpt.close()
+    step = int(state.step)
+    assert _state_bytes(state) == expected[step], (trial, path, offset)
+    outcomes[step] += 1
+  assert outcomes[previous] >= 20  # Flips in the data are caught, not restored silently.
+
+
+def test_every_checkpoint_damaged_stops_at_once(data_dir, reference, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  (workdir / 'summary.json').unlink()
+  metrics_before = (workdir / 'metrics.jsonl').read_bytes()
+  for step in [n for n in os.listdir(workdir / 'checkpoints') if n.isdigit()]:
+    for path in _data_files(workdir / 'checkpoints' / step):
+      with open(path, 'r+b') as f:
+        f.truncate(3)
+  result = run_cli('fmnist_jax.train', *_args(data_dir, workdir))
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and 'no checkpoint in' in errors[0] and 'fresh=True' in errors[0]
+  assert 'checkpoints_damaged' in errors[0]
+  assert len(os.listdir(workdir / 'checkpoints_damaged')) == 2  # Kept aside, not deleted.
+  assert (workdir / 'metrics.jsonl').read_bytes() == metrics_before
+  assert not (workdir / 'summary.json').exists()
+  assert 'Epoch' not in result.stdout  # Nothing trained.
+
+
+def test_planted_links_never_redirect_a_write(data_dir, tmp_path):
+  """Links at every name the project writes in a workdir: the run replaces them, never writes
+  through them; a link at the lock file is refused."""
+  outside = tmp_path / 'outside'
+  outside.mkdir()
+  workdir = tmp_path / 'run'
+  (workdir / 'figures').mkdir(parents=True)
+  names = ['summary.json', 'config.json', 'metrics.jsonl', 'summary.json.tmp', 'config.json.tmp',
+           'metrics.jsonl.tmp', 'figures/prediction_grid.png', 'figures/training_curves.png']
+  for i, name in enumerate(names):
+    (outside / f'victim{i}').write_text('precious')
+    os.symlink(outside / f'victim{i}', workdir / name)
+  os.symlink(outside / 'victim_lock', workdir / '.lock')
+  (outside / 'victim_lock').write_text('precious')
+  result = run_cli('fmnist_jax.train', '--config', 'configs/test.py',
+                   f'--config.data.data_dir={data_dir}', f'--workdir={workdir}')
+  assert result.returncode == 2 and '.lock is a symbolic link' in result.stderr
+  (workdir / '.lock').unlink()
+  result = run_cli('fmnist_jax.train', '--config', 'configs/test.py',
+                   f'--config.data.data_dir={data_dir}', f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  result = run_cli('fmnist_jax.predict', f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  for name in ('summary.json', 'config.json', 'metrics.jsonl', 'figures/prediction_grid.png',
+               'figures/training_curves.png'):
+    assert not (workdir / name).is_symlink() and (workdir / name).stat().st_size > 8
+  for victim in outside.iterdir():
+    assert victim.read_text() == 'precious'
+  assert json.loads((workdir / 'summary.json').read_text())['steps'] == 938
+
+
+def test_damaged_small_files_are_one_line_or_repaired(data_dir, reference, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  summary = json.loads((workdir / 'summary.json').read_text())
+  # A damaged summary.json of a finished run is rewritten from the final checkpoint.
+  (workdir / 'summary.json').write_text('{"test_accuracy": 0.9')
+  result = run_cli('fmnist_jax.train', *_args(data_dir, workdir))
+  assert result.returncode == 0 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  repaired = json.loads((workdir / 'summary.json').read_text())
+  assert repaired['test_accuracy'] == summary['test_accuracy'] and repaired['steps_run'] == 0
+  # A truncated metrics.jsonl: predict and explore still work, with a note.
+  text = (workdir / 'metrics.jsonl').read_text()
+  (workdir / 'metrics.jsonl').write_text(text[:len(text) // 2 + 5])
+  for module in ('fmnist_jax.predict', 'fmnist_jax.explore'):
+    result = run_cli(module, f'--workdir={workdir}')
+    assert result.returncode == 0 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert 'metrics.jsonl is damaged' in result.stderr
+  # ... and the next training rewrites it from the checkpoint's record.
+  result = run_cli('fmnist_jax.train', *_args(data_dir, workdir), '--config.num_epochs=3')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert [e['epoch'] for e in _untimed(workdir)] == [1, 2, 3]
+  # A damaged or wrong-typed config.json: one line from predict and explore.
+  for content in ('{"seed": ', json.dumps({**json.loads((workdir / 'config.json').read_text()),
+                                           'batch_size': 'many', 'data': 7})):
+    (workdir / 'config.json').write_text(content)
+    for module in ('fmnist_jax.predict', 'fmnist_jax.explore'):
+      result = run_cli(module, f'--workdir={workdir}')
+      assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+      errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+      assert len(errors) == 1 and 'config.json' in errors[0]
+
+
+def _tmpfs(path, size):
+  os.makedirs(path, exist_ok=True)
+  result = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                          capture_output=True)
+  if result.returncode:
+    pytest.skip('needs root to mount a small tmpfs')
+
+
+def test_disk_full_is_one_line_and_resumes(data_dir, reference, tmp_path):
+  small = tmp_path / 'small'
+  _tmpfs(small, '600k')  # Room for a checkpoint or two, not for the whole run.
+  try:
+    workdir = small / 'run'
+    result = run_cli('fmnist_jax.train', *_args(data_dir, workdir))
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+    assert len(errors) == 1 and f'no space left on the device holding {workdir}' in errors[0]
+    leftovers = [p for p in workdir.rglob('*') if p.name.endswith('.tmp') or 'tmp' in p.name]
+    assert not leftovers, leftovers
+    saved = tmp_path / 'moved'
+    shutil.copytree(workdir, saved)  # "Free some space": continue on a bigger disk.
+  finally:
+    subprocess.run(['umount', str(small)], check=False)
+  result = run_cli('fmnist_jax.train', *_args(data_dir, saved))
+  assert result.returncode == 0, result.stderr[-2000:]
+  _assert_bitwise_same_run(_config(data_dir), saved, reference)
+
+
+def test_disk_full_while_preparing_data_is_one_line(data_dir, tmp_path, monkeypatch):
+  """Injected at the write of the decoded copy (the tfds data is there, the copy is not)."""
+  import errno
+  from fmnist_jax import data, workdir as workdir_lib
+  root = tmp_path / 'tfds'
+  shutil.copytree(data_dir, root)
+  for copy in root.glob('fashion_mnist/fmnist_jax-*.npz'):
+    copy.unlink()
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  config = load_test_config()
+  config.data.data_dir = str(root)
+  monkeypatch.setattr(workdir_lib, 'write_atomic', full)
+  with pytest.raises(UserError, match=f'no space left on the device holding {root}'):
+    data.load(config.data)
+  assert not list(root.glob('fashion_mnist/*.tmp'))
+  monkeypatch.undo()
+  assert len(data.load(config.data)['train']['label']) == 60_000

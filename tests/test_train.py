@@ -73,8 +73,6 @@ def test_same_seed_is_bitwise_identical(device_run, tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-
-
 def test_different_seed_differs(device_run, config, tmp_path):
   _, _, summary = device_run
   config.seed = 1
@@ -84,13 +82,45 @@ def test_different_seed_differs(device_run, config, tmp_path):
   assert other['test_loss'] != summary['test_loss']
 
 
-def test_tfds_mode_matches_device_mode(device_run, config, tmp_path):
+@pytest.mark.parametrize('mode', ['stream', 'tfds'])
+def test_streaming_modes_match_device_mode(mode, device_run, config, tmp_path, monkeypatch):
+  """Host-fed chunks of 100 batches, a short last chunk, one compiled training program."""
   _, _, device_summary = device_run
-  config.input_mode = 'tfds'
+  keys = _compiled_keys(monkeypatch)
+  config.input_mode = mode
+  config.stream_chunk_steps = 100
   summary = trainer.train_and_evaluate(config, str(tmp_path))
-  assert summary['input_mode'] == 'tfds' and summary['steps'] == 938
+  assert summary['input_mode'] == mode and summary['steps'] == 938
   assert summary['test_accuracy'] >= 0.80
   assert abs(summary['test_accuracy'] - device_summary['test_accuracy']) < 0.03
+  assert sum(1 for k in keys if k[0] == 'chunk') == 1
+
+
+def _compiled_keys(monkeypatch) -> list:
+  """Records the key of every program the trainer compiles."""
+  keys = []
+  get = trainer.Compiler.get
+
+  def recording_get(self, key, *args, **kwargs):
+    if key not in self._cache:  # pylint: disable=protected-access
+      keys.append(key)
+    return get(self, key, *args, **kwargs)
+  monkeypatch.setattr(trainer.Compiler, 'get', recording_get)
+  return keys
+
+
+def test_any_checkpoint_interval_compiles_one_training_program(device_run, config, tmp_path,
+                                                               monkeypatch):
+  """Chunks of 300, 300, 300, 38, 262, ... steps all run one compiled program, bitwise the same
+  as whole epochs."""
+  config.num_epochs = 2
+  keys = _compiled_keys(monkeypatch)
+  config.checkpoint_every_steps = 300
+  summary = trainer.train_and_evaluate(config, str(tmp_path))
+  assert [k for k in keys if k[0] == 'chunk'] == [keys[[k[0] for k in keys].index('chunk')]]
+  config.checkpoint_every_steps = 0
+  whole = trainer.train_and_evaluate(config, str(tmp_path / 'whole'))
+  assert summary['train_loss'] == whole['train_loss'] and summary['test_loss'] == whole['test_loss']
 
 
 def test_chunks_give_the_same_result_as_whole_epochs(device_run, config, tmp_path):

@@ -1,0 +1,99 @@
+"""The package's shape: no import cycles, one installed top-level package, light --help."""
+
+import ast
+import glob
+import os
+import subprocess
+import sys
+import tomllib
+
+import setuptools
+
+from tests.conftest import ROOT
+
+
+def _import_graph() -> dict[str, set[str]]:
+  """fmnist_jax module -> the fmnist_jax modules it imports (at any level of the file)."""
+  graph = {}
+  for path in glob.glob(os.path.join(ROOT, 'fmnist_jax', '*.py')):
+    name = 'fmnist_jax.' + os.path.basename(path)[:-3]
+    if name.endswith('.__init__'):
+      name = 'fmnist_jax'
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    imported = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        imported.update(a.name for a in node.names if a.name.startswith('fmnist_jax.'))
+      elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+          'fmnist_jax'):
+        for alias in node.names:  # `from fmnist_jax import data` imports a module.
+          candidate = f'{node.module}.{alias.name}'
+          exists = os.path.exists(os.path.join(ROOT, *candidate.split('.')) + '.py')
+          imported.add(candidate if exists else node.module)
+    graph[name] = imported - {name, 'fmnist_jax'}
+  return graph
+
+
+def _cycle(graph):
+  """One import cycle as a list of modules, or None."""
+  state = {}
+
+  def visit(node, stack):
+    state[node] = 'open'
+    for nxt in sorted(graph.get(node, ())):
+      if state.get(nxt) == 'open':
+        return stack[stack.index(nxt):] + [nxt]
+      if nxt not in state:
+        found = visit(nxt, stack + [nxt])
+        if found:
+          return found
+    state[node] = 'done'
+    return None
+
+  for start in sorted(graph):
+    if start not in state:
+      found = visit(start, [start])
+      if found:
+        return found
+  return None
+
+
+def test_no_module_imports_one_that_imports_it_back():
+  graph = _import_graph()
+  assert 'fmnist_jax.trainer' in graph and 'fmnist_jax.inference' in graph['fmnist_jax.trainer']
+  assert _cycle(graph) is None, ' -> '.join(_cycle(graph))
+  # The modules `import fmnist_jax.trainer` loads, none of which imports the trainer.
+  code = ('import sys, fmnist_jax.trainer; '
+          'print(" ".join(m for m in sys.modules if m.startswith("fmnist_jax")))')
+  loaded = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                          check=True).stdout.split()
+  assert 'fmnist_jax.trainer' in loaded and 'fmnist_jax.predict' not in loaded
+  for module in loaded:
+    assert 'fmnist_jax.trainer' not in graph.get(module, set()), module
+
+
+def test_cycle_finder_finds_a_cycle():
+  assert _cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
+  assert _cycle({'a': {'b'}, 'b': set()}) is None
+
+
+def test_only_fmnist_jax_is_installed():
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    find = tomllib.load(f)['tool']['setuptools']['packages']['find']
+  packages = setuptools.find_packages(where=ROOT, include=find['include'],
+                                      exclude=find.get('exclude', ()))
+  assert {p.split('.')[0] for p in packages} == {'fmnist_jax'}
+  assert not os.path.exists(os.path.join(ROOT, 'configs', '__init__.py'))  # Loaded by path.
+
+
+def test_help_imports_no_framework():
+  for module in ('fmnist_jax.train', 'fmnist_jax.predict', 'fmnist_jax.explore'):
+    result = subprocess.run([sys.executable, '-X', 'importtime', '-m', module, '--help'],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = {line.split('|')[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith('import time:')}
+    assert 'fmnist_jax' in imported
+    for heavy in ('jax', 'tensorflow', 'torch', 'matplotlib', 'orbax.checkpoint', 'flax'):
+      assert heavy not in imported, f'{module} --help imports {heavy}'
