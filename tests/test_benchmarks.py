@@ -32,9 +32,12 @@ def _ratio_cell(value):
 
 def test_tiny_interleaved_run_writes_a_consistent_report(data_dir, tmp_path):
   before = _committed_reports()
+  # One torch thread: this checks structure, not speed, and torch's default threads slow down
+  # many times over when other processes share the cores.
   result = run_cli('benchmarks.run', '--quick', '--out', str(tmp_path),
                    '--peers', 'fmnist_jax-device,torch-eager', '--rounds', '2', '--epochs', '1',
-                   '--batch-sizes', '', '--num-models', '', env={'TFDS_DATA_DIR': data_dir})
+                   '--batch-sizes', '', '--num-models', '',
+                   env={'TFDS_DATA_DIR': data_dir, 'OMP_NUM_THREADS': '1'})
   assert result.returncode == 0, result.stderr[-3000:]
   assert _committed_reports() == before  # Neither content (git) nor mtimes changed.
 
