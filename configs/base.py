@@ -23,7 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Data (fmnist_jax/data.py).
   config.data = ml_collections.ConfigDict()
-  config.data.name = 'fashion_mnist'  # The tfds dataset of record.
   config.data.data_dir = ''  # tfds data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
   # Folder with the four IDX .gz files for offline preparation; '' = $FMNIST_JAX_MANUAL_DIR, then
   # Debian's /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist).
@@ -48,10 +47,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 32  # Global batch; Keras's default. 60,000 / 32 = 1,875 steps per epoch.
   config.eval_batch_size = 1000  # Test-set batch; the last one is padded and masked, never dropped.
   # 'device': uint8 data resident on the accelerator, shuffled there, many steps per compiled call.
-  # 'tfds': the classic tf.data stream with one jitted step per batch.
+  # 'stream': batches streamed from host memory (numpy, no TensorFlow) into the same fused loop.
+  # 'tfds': the same, with batches from the classic tf.data pipeline.
   config.input_mode = 'device'
-  config.chunk_steps = 0  # device mode: steps fused per compiled call; 0 = a whole epoch.
-  config.scan_unroll = 4  # device mode: steps per iteration of the compiled loop (faster on CPU).
+  config.chunk_steps = 0  # Steps between host-side checks (progress, signals); 0 = a whole epoch.
+  config.stream_chunk_steps = 256  # stream/tfds modes: batches per transfer and compiled call.
+  config.scan_unroll = 4  # Steps per iteration of the compiled loop (less loop overhead on CPU).
   config.compute_dtype = 'float32'  # 'bfloat16' computes in bf16, keeps f32 params and Adam state.
   config.num_models = 1  # >1 trains that many independent models at once with jax.vmap.
   config.learning_rates = ()  # With num_models > 1: one learning rate per model; () = all equal.
@@ -62,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.fresh = False  # True: delete the workdir's checkpoints and start over.
   config.tensorboard = True  # Write TensorBoard event files to the workdir.
   config.progress = True  # Print a Keras-like progress line per epoch.
+  # JAX's persistent compilation cache: 'auto' = ~/.cache/fmnist_jax/jax (or $XDG_CACHE_HOME's);
+  # '' = off. A repeated or slightly changed run then skips most compilation.
+  config.compile_cache_dir = 'auto'
 
   # Several hosts (fmnist_jax/distributed.py): '' = read the standard environment (or none).
   config.distributed = ml_collections.ConfigDict()

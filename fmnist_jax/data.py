@@ -17,17 +17,17 @@ This module knows nothing about models or devices: it returns numpy arrays and n
 """
 
 import glob
+import io
 import json
 import os
-import tempfile
 import time
 import zipfile
 from typing import Iterator
-from unittest import mock
 
 import numpy as np
 
 from fmnist_jax import idx
+from fmnist_jax import workdir as workdir_lib
 from fmnist_jax.errors import UserError
 
 DATASET = 'fashion_mnist'
@@ -80,7 +80,7 @@ def load(data_config, verbose: bool = False) -> Arrays:
   start = time.perf_counter()
   builder = _builder(root)
   if not builder.is_prepared():
-    _prepare(builder, data_config, verbose)
+    builder = _prepare(root, data_config, verbose)
   arrays = _read_tfds(builder)
   _write_copy(root, str(builder.version), arrays)
   if verbose:
@@ -132,18 +132,11 @@ def _valid(split: dict[str, np.ndarray], count: int | None) -> bool:
 
 
 def _write_copy(root: str, version: str, arrays: Arrays) -> None:
-  path = _copy_path(root, version)
   flat = {f'{s}_{k}': v for s in SPLITS for k, v in arrays[s].items()}
-  # Temporary file + rename: a reader sees the old state or the complete new file, never half.
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.npz.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **flat)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  buffer = io.BytesIO()
+  np.savez(buffer, **flat)
+  # A reader sees the old state or the complete new file, never half of it.
+  workdir_lib.write_atomic(_copy_path(root, version), buffer.getvalue())
 
 
 def import_tensorflow():
@@ -158,49 +151,57 @@ def import_tensorflow():
   return tf
 
 
-def _builder(root: str):
-  _check_writable(root)
+def _builder(root: str, source: str | None = None):
+  """tfds's fashion_mnist builder; with `source`, one that reads the IDX files in that folder."""
+  workdir_lib.check_writable(os.path.join(root, DATASET), 'data dir',
+                             'choose another with --config.data.data_dir or $TFDS_DATA_DIR')
   import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
-  return tfds.builder(DATASET, data_dir=root)
+  if source is None:
+    return tfds.builder(DATASET, data_dir=root)
+  return _local_builder_class()(source=source, data_dir=root)
 
 
-def _check_writable(root: str) -> None:
-  try:
-    os.makedirs(os.path.join(root, DATASET), exist_ok=True)
-  except OSError as e:
-    raise DataError(f'data dir {root} cannot be created ({e.strerror}); choose another with '
-                    '--config.data.data_dir or $TFDS_DATA_DIR.') from None
-  if not os.access(os.path.join(root, DATASET), os.W_OK):
-    raise DataError(f'data dir {root} is not writable; choose another with '
-                    '--config.data.data_dir or $TFDS_DATA_DIR.')
+def _local_builder_class():
+  """tfds's FashionMNIST builder, reading validated local IDX files instead of downloading.
 
-
-class _LocalFiles:
-  """Stands in for tfds's DownloadManager: hands the builder validated local IDX files.
-
-  The fashion_mnist builder asks `download_and_extract({'train_data': url, ...})` for paths of
-  uncompressed IDX files. tfds would reject Debian's gzip files by checksum although their content
-  is identical, so the content was validated instead (fmnist_jax.idx) and is served from here.
+  tfds would reject Debian's gzip files by checksum although their content is identical, so the
+  content is validated instead (fmnist_jax.idx). Overriding `_split_generators` and
+  `_generate_examples` is tfds's supported way to change where a builder's examples come from;
+  name, version, features and the prepared files stay those of `fashion_mnist`.
   """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  downloaded_size = 0
+  class LocalFashionMNIST(tfds.image_classification.FashionMNIST, skip_registration=True):
+    name = DATASET
 
-  def __init__(self, paths: dict[str, str]):
-    self._paths = paths
+    def __init__(self, *, source: str, **kwargs):
+      self._source = source
+      super().__init__(**kwargs)
 
-  def download_and_extract(self, urls):
-    return {key: self._paths[key] for key in urls}
+    def _split_generators(self, dl_manager):
+      del dl_manager  # Nothing to download.
+      return [tfds.core.SplitGenerator(name=split, gen_kwargs={'split': split})
+              for split in SPLITS]
+
+    def _generate_examples(self, split):
+      images, labels = idx.load_split(self._source, split)  # Validates the files' content.
+      for i, (image, label) in enumerate(zip(images, labels)):
+        yield i, {'image': image[..., None], 'label': int(label)}
+
+  return LocalFashionMNIST
 
 
-def _prepare(builder, data_config, verbose: bool) -> None:
+def _prepare(root: str, data_config, verbose: bool):
+  """Prepares the tfds dataset from local IDX files, else by tfds's download; returns the builder."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   source = manual_dir(data_config)
   if source is None and not data_config.download:
     raise DataError(f'Fashion-MNIST not found in {data_dir(data_config)} nor as local IDX files, '
                     f'and data.download is off; {HOW_TO_GET}.')
   if source is None:
+    builder = _builder(root)
     if verbose:
       print(f'No local IDX files; asking tfds to download {DATASET}.', flush=True)
     try:
@@ -209,20 +210,13 @@ def _prepare(builder, data_config, verbose: bool) -> None:
       cause = ' '.join(str(e).split())[:120]
       raise DataError(f'Fashion-MNIST not found locally and tfds could not download it '
                       f'({type(e).__name__}: {cause}); {HOW_TO_GET}.') from None
-    return
+    return builder
+  builder = _builder(root, source)
   if verbose:
     print(f'Preparing tfds {DATASET} {builder.version} from {source}.', flush=True)
-  with tempfile.TemporaryDirectory(prefix='fmnist_idx_') as tmp:
-    paths = {}
-    for split in SPLITS:
-      images, labels = idx.load_split(source, split)  # Validates magic, sizes, counts, labels.
-      for key, array in (('data', images), ('labels', labels)):
-        paths[f'{split}_{key}'] = os.path.join(tmp, f'{split}_{key}.idx')
-        idx.write(paths[f'{split}_{key}'], array, compress=False)
-    with mock.patch.object(builder, '_make_download_manager',
-                           lambda *args, **kwargs: _LocalFiles(paths)):
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return builder
 
 
 def _read_tfds(builder) -> Arrays:
@@ -252,6 +246,7 @@ class TfdsStream:
     builder = _builder(data_dir(data_config))
     if not builder.is_prepared():
       load(data_config)  # Prepares it (offline or by download) with the usual errors.
+      builder = _builder(data_dir(data_config))
     ds = builder.as_dataset(split=split, shuffle_files=False,
                             read_config=tfds.ReadConfig(try_autocache=False))
     # Decoded once and cached in memory: later epochs only shuffle and batch.
@@ -281,6 +276,31 @@ class TfdsStream:
     rows = slice(process_index * local, (process_index + 1) * local)
     for batch in self._tfds.as_numpy(ds):
       yield {k: v[rows] for k, v in pad_batch(batch, global_batch).items()}
+
+
+class HostStream:
+  """Batches streamed from the decoded copy in host memory: shuffled with numpy, no TensorFlow.
+
+  The same interface and padding as TfdsStream; for data that fits in the host's memory but not
+  on the device. The order of an epoch is fixed by its seed, so a resumed epoch replays it.
+  """
+
+  def __init__(self, data_config, split: str):
+    self._split = load(data_config)[split]
+
+  def batches(self, global_batch: int, *, shuffle_seed: int | None = None, skip_batches: int = 0,
+              process_index: int = 0, process_count: int = 1
+              ) -> Iterator[dict[str, np.ndarray]]:
+    """Yields this process's rows of each padded global batch, with `mask` (see TfdsStream)."""
+    n = len(self._split['label'])
+    order = (np.arange(n) if shuffle_seed is None
+             else np.random.default_rng(shuffle_seed).permutation(n))
+    local = global_batch // process_count
+    rows = slice(process_index * local, (process_index + 1) * local)
+    for start in range(skip_batches * global_batch, n, global_batch):
+      take = order[start:start + global_batch]
+      batch = pad_batch({k: v[take] for k, v in self._split.items()}, global_batch)
+      yield {k: v[rows] for k, v in batch.items()}
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

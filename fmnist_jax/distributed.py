@@ -8,6 +8,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmnist_jax.errors import UserError
@@ -92,5 +93,12 @@ def is_main_process() -> bool:
 def barrier(name: str) -> None:
   """Waits for every process (a no-op with one process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+      multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is true on any one: a collective, so every process must call
+  it at the same point (the trainer does, at each chunk boundary)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))

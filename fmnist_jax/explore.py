@@ -2,11 +2,11 @@
 
     python -m fmnist_jax.explore --workdir workdirs/base [--config configs/base.py]
 
-Prints the summary and writes figures under <workdir>/figures/: three training images with a
-colorbar, the 5x5 grid with class names, and training_curves.png when the workdir has a run.
+Prints the summary and writes figures under <workdir>/figures/ (or --figures_dir): three training
+images with a colorbar, the 5x5 grid with class names, and training_curves.png when the workdir has
+a run. Nothing else in the workdir is read or written.
 """
 
-import json
 import os
 
 import numpy as np
@@ -15,11 +15,18 @@ from ml_collections import config_flags
 
 from fmnist_jax import CLASS_NAMES
 from fmnist_jax import cli
+from fmnist_jax import config_files
+from fmnist_jax import data
+from fmnist_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config whose data fields to use; default: the workdir\'s config.json, '
     'else configs/base.py defaults.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', 'workdirs/base', 'Where figures/ are written.')
+_WORKDIR = flags.DEFINE_string('workdir', 'workdirs/base',
+                                'A workdir: its config.json gives the data fields, figures go to '
+                                'its figures/ folder.')
+_FIGURES_DIR = flags.DEFINE_string('figures_dir', None,
+                                   'Where figures go; default: <workdir>/figures.')
 
 
 def summarize(arrays) -> dict:
@@ -36,41 +43,46 @@ def summarize(arrays) -> dict:
   }
 
 
-def write_figures(arrays, workdir: str) -> list[str]:
-  from fmnist_jax import plots, predict  # pylint: disable=g-import-not-at-top
+def write_figures(arrays, workdir: str, out: str) -> list[str]:
+  """Writes the tutorial's data figures (and the training curves, if any) into `out`."""
+  from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
   plots.use_headless_backend()
-  out = os.path.join(workdir, 'figures')
   images, labels = arrays['train']['image'], arrays['train']['label']
   paths = []
   for name, i in (('first', 0), ('middle', len(labels) // 2), ('last', len(labels) - 1)):
     fig = plots.image_with_colorbar(images[i], f'train #{i}: {CLASS_NAMES[labels[i]]}')
     paths.append(plots.save(fig, out, f'train_image_{name}'))
   paths.append(plots.save(plots.image_grid(images, labels), out, 'train_grid_5x5'))
-  curves = predict.training_curves_figure(workdir)
+  curves = plots.training_curves_figure(workdir, out)
   if curves:
     paths.append(curves)
   return paths
 
 
-def _data_config(workdir: str):
-  if _CONFIG.value is not None:
-    return _CONFIG.value.data
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from configs import base  # pylint: disable=g-import-not-at-top
-  from fmnist_jax import trainer  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, trainer.CONFIG)
-  if os.path.isfile(path):
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f)['data'])
-  return base.get_config().data
+def data_config(workdir: str, config=None):
+  """The data fields: `config`'s, else the workdir's config.json, else configs/base.py's."""
+  if config is not None:
+    return config.data
+  defaults = config_files.base().data
+  path = workdir_lib.path(workdir, workdir_lib.CONFIG)
+  if not os.path.isfile(path):
+    return defaults
+  fix = 'delete it or pass --config configs/base.py'
+  saved = workdir_lib.read_json(path, fix, required=('data',)).get('data')
+  if not isinstance(saved, dict):
+    raise workdir_lib.WorkdirError(f'{path} is damaged (data is not a JSON object); {fix}.')
+  for key, value in saved.items():
+    if key in defaults:
+      if not isinstance(value, type(defaults[key])):
+        raise workdir_lib.WorkdirError(f'{path} is damaged (data.{key}={value!r}); {fix}.')
+      defaults[key] = value
+  return defaults
 
 
 def main(argv):
   del argv
-  from fmnist_jax import data  # pylint: disable=g-import-not-at-top
-  from fmnist_jax.trainer import check_workdir  # pylint: disable=g-import-not-at-top
-  workdir = check_workdir(_WORKDIR.value)
-  arrays = data.load(_data_config(workdir), verbose=True)
+  workdir = os.path.abspath(_WORKDIR.value)
+  arrays = data.load(data_config(workdir, _CONFIG.value), verbose=True)
   s = summarize(arrays)
   print(f'train_images.shape: {tuple(s["train_images_shape"])}  ({s["dtype"]})')
   print(f'len(train_labels): {s["train_labels_count"]}')
@@ -81,7 +93,8 @@ def main(argv):
   print(f'{"class":12s} {"train":>6s} {"test":>6s}')
   for name in CLASS_NAMES:
     print(f'{name:12s} {s["train_per_class"][name]:6d} {s["test_per_class"][name]:6d}')
-  for path in write_figures(arrays, workdir):
+  out = workdir_lib.figures_folder(workdir, _FIGURES_DIR.value or '')
+  for path in write_figures(arrays, workdir, out) if out else []:
     print(f'wrote {path}')
 
 

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fmnist_jax.errors import UserError
 
 IMAGE_PIXELS = 28 * 28
 
@@ -32,10 +31,7 @@ class MLP(nnx.Module):
 
 
 def create(config, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
-  """Builds the configured model; returns (graphdef, params)."""
-  if config.model != 'mlp':
-    raise UserError(f"unknown model {config.model!r}; the only model is 'mlp' "
-                    '(--config.model=mlp).')
+  """Builds the configured model (validated by fmnist_jax.validate); returns (graphdef, params)."""
   model = MLP(tuple(config.hidden_sizes), config.num_classes, rngs=nnx.Rngs(seed))
   return nnx.split(model, nnx.Param)
 
@@ -54,5 +50,6 @@ def apply(graphdef: nnx.GraphDef, params: nnx.State, images: jax.Array,
   return logits.astype(jnp.float32)
 
 
-def param_count(params) -> int:
-  return sum(int(p.size) for p in jax.tree.leaves(params))
+def param_count(params, num_models: int = 1) -> int:
+  """Parameters of one model (a leading model axis of `num_models` is not counted)."""
+  return sum(int(p.size) for p in jax.tree.leaves(params)) // num_models

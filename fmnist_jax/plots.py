@@ -4,12 +4,15 @@ Usable inline in a notebook; the CLIs save them with `save()` under a headless b
 """
 
 import os
+import sys
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
 from fmnist_jax import CLASS_NAMES
+from fmnist_jax import workdir as workdir_lib
+from fmnist_jax.errors import UserError
 
 RIGHT, WRONG, NEUTRAL = 'tab:blue', 'tab:red', '#777777'
 
@@ -24,6 +27,21 @@ def save(fig: Figure, directory: str, name: str) -> str:
 
 def use_headless_backend() -> None:
   matplotlib.use('Agg')
+
+
+def training_curves_figure(workdir: str, out: str) -> str | None:
+  """Saves training_curves.png in `out` from the workdir's metrics.jsonl; None (with a note when
+  the file is damaged) when there is no usable history."""
+  try:
+    history = workdir_lib.read_metrics(workdir_lib.path(workdir, workdir_lib.METRICS),
+                                       'the next training run rewrites it from its checkpoint')
+  except UserError as e:
+    print(f'note: no training curves: {e}', file=sys.stderr, flush=True)
+    return None
+  if not history:
+    return None
+  use_headless_backend()
+  return save(training_curves(history), out, 'training_curves')
 
 
 def image_with_colorbar(image: np.ndarray, title: str = '') -> Figure:

@@ -4,83 +4,30 @@
     python -m fmnist_jax.predict --workdir workdirs/base shoe.png   # classify image files
     python -m fmnist_jax.predict --workdir workdirs/base --json *.png
 
-The library functions (load_trained, predict_probs, confusion_matrix, per_class_table) work in a
-notebook too; fmnist_jax.plots draws the figures.
+The library functions work in a notebook too: fmnist_jax.inference (load_trained, predict_probs),
+confusion_matrix and per_class_table here, fmnist_jax.plots for the figures. Nothing here changes
+the workdir's training files: checkpoints are opened read-only.
 """
 
 import json
-import os
 import sys
 
-import ml_collections
 import numpy as np
 from absl import flags
 
 from fmnist_jax import CLASS_NAMES
 from fmnist_jax import cli
+from fmnist_jax import data
+from fmnist_jax import images as images_lib
+from fmnist_jax import workdir as workdir_lib
 from fmnist_jax.errors import UserError
 
-
-def _define_flags():
-  """CLI flags, defined only when run as a program (the trainer imports this module too)."""
-  flags.DEFINE_string('workdir', 'workdirs/base', 'A workdir written by fmnist_jax.train.')
-  flags.DEFINE_bool('json', False, 'Print machine-readable JSON instead of text.')
-  flags.DEFINE_bool('figures', True, 'Write the PNG figures (test-set mode).')
-  flags.DEFINE_integer('index', 0, 'The test image to show on its own (the tutorial: 0).')
-
-
-def _how_to_train(workdir):
-  return (f'train one with: python -m fmnist_jax.train --config configs/base.py '
-          f'--workdir {workdir}')
-
-
-def load_trained(workdir: str):
-  """Returns (config, graphdef, params) of the latest checkpoint in `workdir`.
-
-  Raises UserError saying how to train when there is no usable trained run.
-  """
-  from fmnist_jax import checkpoint, steps, trainer  # pylint: disable=g-import-not-at-top
-  config_path = os.path.join(workdir, trainer.CONFIG)
-  if not os.path.isdir(workdir):
-    raise UserError(f'workdir {workdir} does not exist; {_how_to_train(workdir)}.')
-  if not os.path.isfile(config_path) or not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise UserError(f'{workdir} holds no trained run ({trainer.CONFIG} or checkpoints/ '
-                    f'missing); {_how_to_train(workdir)}.')
-  try:
-    with open(config_path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-    graphdef, template = steps.init_state(config)
-  except (ValueError, KeyError, TypeError, AttributeError) as e:
-    raise UserError(f'{config_path} is not a config this version can use ({e}); '
-                    f'{_how_to_train(workdir)}.') from None
-  ckpt = checkpoint.Checkpointer(workdir, config.max_checkpoints_to_keep)
-  try:
-    restored = ckpt.restore(template)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise UserError(f'{workdir} has no readable checkpoint; {_how_to_train(workdir)}.')
-  return config, graphdef, restored[0].params
-
-
-def predict_probs(config, graphdef, params, images: np.ndarray, batch_size: int = 1000):
-  """Class probabilities [N, 10] for uint8 images [N, 28, 28] (mean over models if several)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from fmnist_jax import steps  # pylint: disable=g-import-not-at-top
-  logits_fn = steps.make_steps(config, graphdef).logits
-  if config.num_models > 1:
-    logits_fn = jax.vmap(logits_fn, in_axes=(0, None))
-
-  @jax.jit
-  def probs_fn(params, x):
-    probs = jax.nn.softmax(logits_fn(params, x), axis=-1)
-    return probs.mean(axis=0) if config.num_models > 1 else probs
-
-  n = len(images)
-  padded = np.concatenate([images, np.zeros((-n % batch_size,) + images.shape[1:], np.uint8)])
-  out = [np.asarray(probs_fn(params, padded[i:i + batch_size]))
-         for i in range(0, len(padded), batch_size)]
-  return np.concatenate(out)[:n]
+_WORKDIR = flags.DEFINE_string('workdir', 'workdirs/base', 'A workdir written by fmnist_jax.train.')
+_JSON = flags.DEFINE_bool('json', False, 'Print machine-readable JSON instead of text.')
+_FIGURES = flags.DEFINE_bool('figures', True, 'Write the PNG figures.')
+_FIGURES_DIR = flags.DEFINE_string('figures_dir', None,
+                                   'Where figures go; default: <workdir>/figures.')
+_INDEX = flags.DEFINE_integer('index', 0, 'The test image to show on its own (the tutorial: 0).')
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int = 10):
@@ -106,9 +53,13 @@ def per_class_table(matrix: np.ndarray) -> list[dict]:
   return rows
 
 
-def evaluate_test_set(workdir: str, index: int = 0, figures: bool = True, as_json=False):
-  """The tutorial's second half on the test set: prints, figures, confusion, per-class table."""
-  from fmnist_jax import data, plots  # pylint: disable=g-import-not-at-top
+def evaluate_test_set(workdir: str, index: int = 0, figures_dir: str | None = '',
+                      as_json: bool = False) -> dict:
+  """The tutorial's second half on the test set: prints, figures, confusion, per-class table.
+
+  `figures_dir`: '' = <workdir>/figures, None = no figures.
+  """
+  from fmnist_jax.inference import load_trained, predict_probs  # pylint: disable=g-import-not-at-top  (JAX)
   config, graphdef, params = load_trained(workdir)
   test = data.load(config.data)['test']
   if not 0 <= index < len(test['label']):  # Checked before the predictions are computed.
@@ -119,14 +70,15 @@ def evaluate_test_set(workdir: str, index: int = 0, figures: bool = True, as_jso
   matrix = confusion_matrix(labels, predicted)
   table = per_class_table(matrix)
   accuracy = float((predicted == labels).mean())
-  result = {'test_accuracy': accuracy, 'first_prediction': {
+  result = {'test_accuracy': accuracy, 'num_models': config.num_models, 'first_prediction': {
       'index': index, 'confidences': probs[index].round(6).tolist(),
       'predicted': int(predicted[index]), 'predicted_class': CLASS_NAMES[predicted[index]],
       'label': int(labels[index]), 'label_class': CLASS_NAMES[labels[index]]},
             'per_class': table, 'confusion_matrix': matrix.tolist()}
-  if figures:
+  out = workdir_lib.figures_folder(workdir, figures_dir)
+  if out:
+    from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
     plots.use_headless_backend()
-    out = os.path.join(workdir, 'figures')
     result['figures'] = [
         plots.save(plots.prediction(images[index], probs[index], labels[index]), out,
                    f'prediction_{index}'),
@@ -137,7 +89,7 @@ def evaluate_test_set(workdir: str, index: int = 0, figures: bool = True, as_jso
         plots.save(plots.confusion_matrix(matrix), out, 'confusion_matrix'),
         plots.save(plots.confident_mistakes(images, probs, labels), out, 'confident_mistakes'),
     ]
-    curves = training_curves_figure(workdir)
+    curves = plots.training_curves_figure(workdir, out)
     if curves:
       result['figures'].append(curves)
   if as_json:
@@ -147,7 +99,11 @@ def evaluate_test_set(workdir: str, index: int = 0, figures: bool = True, as_jso
   print(f'Prediction for test image {index}: {np.array2string(probs[index], precision=4)}')
   print(f'argmax: {first["predicted"]} ({first["predicted_class"]}); true label: '
         f'{first["label"]} ({first["label_class"]})')
-  print(f'Test accuracy: {accuracy:.4f}\n')
+  if config.num_models > 1:
+    print(f'Test accuracy of the ensemble of {config.num_models} models (mean of their '
+          f'probabilities): {accuracy:.4f}\n')
+  else:
+    print(f'Test accuracy: {accuracy:.4f}\n')
   print(f'{"class":12s} {"precision":>9s} {"recall":>9s} {"accuracy":>9s} {"support":>8s}')
   for row in table:
     print(f'{row["class"]:12s} {row["precision"]:9.4f} {row["recall"]:9.4f} '
@@ -159,36 +115,21 @@ def evaluate_test_set(workdir: str, index: int = 0, figures: bool = True, as_jso
   return result
 
 
-def training_curves_figure(workdir: str) -> str | None:
-  """Saves figures/training_curves.png from metrics.jsonl; None when there is no history."""
-  from fmnist_jax import plots, trainer  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, trainer.METRICS)
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    history = [json.loads(line) for line in f if line.strip()]
-  if not history:
-    return None
-  plots.use_headless_backend()
-  return plots.save(plots.training_curves(history), os.path.join(workdir, 'figures'),
-                    'training_curves')
-
-
 def classify_files(workdir: str, paths: list[str], as_json: bool = False) -> int:
   """Prints the top-3 classes of each image file; returns the number of files that failed."""
-  from fmnist_jax import images as images_lib  # pylint: disable=g-import-not-at-top
+  from fmnist_jax.inference import load_trained, predict_probs  # pylint: disable=g-import-not-at-top  (JAX)
   config, graphdef, params = load_trained(workdir)
-  loaded, failures = {}, []
+  loaded, failures = [], []
   for path in paths:
     try:
-      loaded[path] = images_lib.load(path)
+      loaded.append((path, images_lib.load(path)))
     except images_lib.ImageFileError as e:
       failures.append(str(e))
-      print(f'error: {e}', file=sys.stderr, flush=True)
+      print(f'error: {_one_line(str(e))}', file=sys.stderr, flush=True)
   results = []
   if loaded:
-    probs = predict_probs(config, graphdef, params, np.stack(list(loaded.values())))
-    for path, p in zip(loaded, probs):
+    probs = predict_probs(config, graphdef, params, np.stack([image for _, image in loaded]))
+    for (path, _), p in zip(loaded, probs):
       top = np.argsort(-p)[:3]
       results.append({'file': path, 'top3': [
           {'class': CLASS_NAMES[k], 'label': int(k), 'probability': float(p[k])} for k in top]})
@@ -196,22 +137,25 @@ def classify_files(workdir: str, paths: list[str], as_json: bool = False) -> int
     print(json.dumps({'predictions': results, 'errors': failures}))
   else:
     for r in results:
-      print(f'{r["file"]}: ' + ', '.join(f'{t["class"]} {100 * t["probability"]:.1f}%'
-                                         for t in r['top3']))
+      print(f'{_one_line(r["file"])}: ' + ', '.join(
+          f'{t["class"]} {100 * t["probability"]:.1f}%' for t in r['top3']))
   return len(failures)
 
 
+def _one_line(text: str) -> str:
+  """A file name with newlines or control characters, shown on one line."""
+  return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv):
-  f = flags.FLAGS
   files = argv[1:]
+  figures_dir = (_FIGURES_DIR.value or '') if _FIGURES.value else None
   if files:
-    failed = classify_files(f.workdir, files, f.json)
-    if failed:
+    if classify_files(_WORKDIR.value, files, _JSON.value):
       raise SystemExit(1)
   else:
-    evaluate_test_set(f.workdir, f.index, f.figures, f.json)
+    evaluate_test_set(_WORKDIR.value, _INDEX.value, figures_dir, _JSON.value)
 
 
 if __name__ == '__main__':
-  _define_flags()
   cli.run(main)

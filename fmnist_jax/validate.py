@@ -3,7 +3,7 @@
 from fmnist_jax import idx
 from fmnist_jax.errors import UserError
 
-INPUT_MODES = ('device', 'tfds')
+INPUT_MODES = ('device', 'stream', 'tfds')
 MODELS = ('mlp',)
 OPTIMIZERS = ('adam',)
 DTYPES = ('float32', 'bfloat16')
@@ -18,13 +18,14 @@ def _positive(config, name: str, kind=(int,)):
 
 
 _EXAMPLES = {'num_epochs': 5, 'batch_size': 32, 'eval_batch_size': 1000, 'learning_rate': 0.001,
-             'num_models': 1, 'max_checkpoints_to_keep': 2, 'scan_unroll': 4, 'num_classes': 10}
+             'num_models': 1, 'max_checkpoints_to_keep': 2, 'scan_unroll': 4, 'num_classes': 10,
+             'stream_chunk_steps': 256}
 
 
 def validate_config(config) -> None:
   """Raises UserError naming the first bad field and a value that works."""
   for name in ('num_epochs', 'batch_size', 'eval_batch_size', 'num_models',
-               'max_checkpoints_to_keep', 'scan_unroll'):
+               'max_checkpoints_to_keep', 'scan_unroll', 'stream_chunk_steps'):
     _positive(config, name)
   _positive(config, 'learning_rate', (int, float))
   if config.batch_size > TRAIN_EXAMPLES:
@@ -47,6 +48,9 @@ def validate_config(config) -> None:
     if not isinstance(config[name], int) or config[name] < 0:
       raise UserError(f'{name}={config[name]!r} must be 0 (once per epoch) or a positive '
                       'number of steps.')
+  if not isinstance(config.compile_cache_dir, str):
+    raise UserError(f'compile_cache_dir={config.compile_cache_dir!r} must be a folder, \'auto\' '
+                    "or '' (off).")
   lrs = tuple(config.learning_rates)
   if lrs and len(lrs) != config.num_models:
     raise UserError(f'learning_rates has {len(lrs)} values for num_models={config.num_models}; '

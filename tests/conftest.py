@@ -6,9 +6,14 @@ import sys
 
 import pytest
 
-from fmnist_jax import data, idx
+from fmnist_jax import config_files, data, idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_test_config():
+  """configs/test.py, loaded by path as --config loads it."""
+  return config_files.load(os.path.join(ROOT, 'configs', 'test.py'))
 
 
 def _source_dir():
@@ -27,9 +32,8 @@ def source_dir():
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory, source_dir):
   """A tfds data dir holding the prepared dataset (prepared from the IDX files in this session)."""
-  from configs import test as test_config
   path = str(tmp_path_factory.mktemp('tfds'))
-  config = test_config.get_config()
+  config = load_test_config()
   config.data.data_dir = path
   config.data.manual_dir = source_dir
   data.load(config.data)
@@ -38,8 +42,7 @@ def data_dir(tmp_path_factory, source_dir):
 
 @pytest.fixture(scope='session')
 def arrays(data_dir):
-  from configs import test as test_config
-  config = test_config.get_config()
+  config = load_test_config()
   config.data.data_dir = data_dir
   return data.load(config.data)
 
@@ -47,8 +50,7 @@ def arrays(data_dir):
 @pytest.fixture
 def config(data_dir):
   """configs/test.py pointed at the session's data."""
-  from configs import test as test_config
-  config = test_config.get_config()
+  config = load_test_config()
   config.data.data_dir = data_dir
   config.data.download = False
   return config
@@ -65,7 +67,7 @@ def restore_state(config, workdir):
   """(TrainState, record) of the newest readable checkpoint in `workdir`."""
   from fmnist_jax import checkpoint, steps
   _, template = steps.init_state(config)
-  ckpt = checkpoint.Checkpointer(str(workdir), 2)
+  ckpt = checkpoint.Checkpointer(str(workdir), read_only=True)
   try:
     return ckpt.restore(template)
   finally:

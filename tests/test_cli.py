@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from configs import base
+from fmnist_jax import config_files
 from fmnist_jax import validate
 from fmnist_jax.errors import UserError
 from tests.conftest import run_cli
@@ -37,7 +37,7 @@ def test_overrides_reach_the_run(data_dir, tmp_path):
     (['--config.num_epochs=-1'], 'num_epochs=-1 must be a positive number'),
     (['--config.learning_rate=0'], 'learning_rate=0'),
     (['--config.batch_size=70000'], 'larger than the training set'),
-    (['--config.input_mode=stream'], "unknown input_mode 'stream'"),
+    (['--config.input_mode=streaming'], "unknown input_mode 'streaming'"),
     (['--config.model=cnn'], "unknown model 'cnn'"),
     (['--config.num_epochs=abc'], 'flag --config.num_epochs=abc'),
 ])
@@ -89,14 +89,14 @@ def test_divergence_exit_code(data_dir, tmp_path):
     ('eval_batch_size', 0, 'eval_batch_size=0'),
 ])
 def test_validate_config(field, value, message):
-  config = base.get_config()
+  config = config_files.base()
   config[field] = value
   with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')):
     validate.validate_config(config)
 
 
 def test_learning_rates_must_match_num_models():
-  config = base.get_config()
+  config = config_files.base()
   config.num_models = 3
   config.learning_rates = (1e-3, 2e-3)
   with pytest.raises(UserError, match='learning_rates has 2 values for num_models=3'):

@@ -9,12 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from configs import test as test_config
+from tests.conftest import load_test_config
+
 from fmnist_jax import CLASS_NAMES, data, idx
 
 
 def _config(data_dir, manual_dir=''):
-  config = test_config.get_config()
+  config = load_test_config()
   config.data.data_dir = str(data_dir)
   config.data.manual_dir = str(manual_dir)
   config.data.download = False

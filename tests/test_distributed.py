@@ -6,8 +6,9 @@ import socket
 import numpy as np
 import pytest
 
+
 from fmnist_jax import trainer
-from tests.conftest import restore_state, run_cli
+from tests.conftest import load_test_config, restore_state, run_cli
 
 
 def _free_port():
@@ -23,8 +24,7 @@ def _train_args(data_dir, workdir, *extra):
 
 @pytest.fixture(scope='module')
 def one_device(tmp_path_factory, data_dir):
-  from configs import test as test_config
-  config = test_config.get_config()
+  config = load_test_config()
   config.data.data_dir = data_dir
   return trainer.train_and_evaluate(config, str(tmp_path_factory.mktemp('one')))
 

@@ -6,16 +6,16 @@ import os
 
 import numpy as np
 import pytest
+
 from PIL import Image
 
 from fmnist_jax import CLASS_NAMES, images, plots, predict, trainer
-from tests.conftest import run_cli
+from tests.conftest import load_test_config, run_cli
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory, data_dir):
-  from configs import test as test_config
-  config = test_config.get_config()
+  config = load_test_config()
   config.data.data_dir = data_dir
   config.tensorboard = True
   path = tmp_path_factory.mktemp('trained')

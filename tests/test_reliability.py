@@ -13,16 +13,16 @@ import jax
 import numpy as np
 import pytest
 
+
 from fmnist_jax import trainer
-from tests.conftest import ROOT, restore_state, run_cli
+from tests.conftest import load_test_config, ROOT, restore_state, run_cli
 
 EVERY = 50  # Checkpoint interval of these tests: many mid-epoch checkpoints.
 TIMED = {'seconds', 'steps_per_second'}
 
 
 def _config(data_dir):
-  from configs import test as test_config
-  config = test_config.get_config()
+  config = load_test_config()
   config.data.data_dir = data_dir
   config.num_epochs = 2
   config.checkpoint_every_steps = EVERY
@@ -211,13 +211,14 @@ def test_signal_at_an_epoch_end_stops_after_its_checkpoint(data_dir, tmp_path, m
   from fmnist_jax.errors import Interrupted
   config = _config(data_dir)
   config.checkpoint_every_steps = 0  # Whole-epoch chunks: the signal lands at the epoch end.
-  end_epoch = trainer.Trainer._end_epoch
+  run_epoch_with_signal = trainer.device_epoch_runner
 
-  def end_epoch_with_signal(self, *args):
-    self.signals.received = 'SIGTERM'  # As if it arrived during the last chunk.
-    return end_epoch(self, *args)
+  def runner(run, state, train):
+    run_epoch = run_epoch_with_signal(run, state, train)
+    run.signals.received = 'SIGTERM'  # As if it arrived during the epoch's last chunk.
+    return run_epoch
 
-  monkeypatch.setattr(trainer.Trainer, '_end_epoch', end_epoch_with_signal)
+  monkeypatch.setattr(trainer, 'device_epoch_runner', runner)
   with pytest.raises(Interrupted, match='SIGTERM received: stopped at step 938 \\(epoch 1\\)'):
     trainer.train_and_evaluate(config, str(tmp_path))
   assert len(_untimed(tmp_path)) == 1  # Not a step of epoch 2 ran.

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+
 from fmnist_jax import metrics, steps, trainer
 from fmnist_jax.errors import DivergenceError, UserError
-from tests.conftest import restore_state
+from tests.conftest import load_test_config, restore_state
 
 SUMMARY_KEYS = {'test_accuracy', 'test_loss', 'train_accuracy', 'train_loss', 'epochs', 'steps',
                 'batch_size', 'train_seconds', 'compile_seconds', 'data_seconds',
@@ -19,8 +20,7 @@ SUMMARY_KEYS = {'test_accuracy', 'test_loss', 'train_accuracy', 'train_loss', 'e
 
 @pytest.fixture(scope='module')
 def device_run(tmp_path_factory, data_dir):
-  from configs import test as test_config
-  config = test_config.get_config()
+  config = load_test_config()
   config.data.data_dir = data_dir
   workdir = tmp_path_factory.mktemp('device_run')
   return config, workdir, trainer.train_and_evaluate(config, str(workdir))
