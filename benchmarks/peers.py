@@ -17,8 +17,10 @@ PEERS = {
     # name: (framework, description)
     'fmnist_jax-device': ('jax', 'fmnist_jax, device mode: data resident, a whole epoch per '
                           'compiled call'),
-    'fmnist_jax-tfds': ('jax', 'fmnist_jax, tfds mode: tf.data stream, one jitted step per '
-                        'batch'),
+    'fmnist_jax-stream': ('jax', 'fmnist_jax, stream mode: batches from host memory (numpy) '
+                          'in chunks into the same compiled loop'),
+    'fmnist_jax-tfds': ('jax', 'fmnist_jax, tfds mode: batches from tf.data in chunks into the '
+                        'same compiled loop'),
     'keras-tf-tutorial': ('keras+tensorflow', 'Keras 3, TensorFlow backend, the tutorial code as '
                           'written (default fit)'),
     'keras-tf-tuned': ('keras+tensorflow', 'Keras 3, TensorFlow backend, jit_compile=True, '

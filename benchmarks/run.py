@@ -189,7 +189,7 @@ class UserCommands:
       history = [json.loads(line) for line in f if line.strip()]
     if cache is None:
       cache_state = 'none'  # This fmnist_jax has no persistent compilation cache.
-    elif 'compile_cache_hit' in summary:
+    elif summary.get('compile_cache_hit') is not None:
       cache_state = 'warm' if summary['compile_cache_hit'] else 'cold'
     else:
       cache_state = 'warm' if warm else 'cold'
