@@ -3,8 +3,8 @@
     python benchmarks/keras_tutorial.py [--data-dir DIR] [--epochs 5]
 
 benchmarks.run times this script from process start to exit (the whole-command column). The only
-departure from the tutorial is where the arrays come from:
-`keras.datasets.fashion_mnist.load_data()` needs a network, so the script reads the same uint8 arrays fmnist_jax prepared (the decoded copy
+departure from the tutorial is where the arrays come from: `fashion_mnist.load_data()` needs a
+network, so the script reads the same uint8 arrays fmnist_jax prepared (the decoded copy
 `<tfds data dir>/fashion_mnist/fmnist_jax-<version>.npz`, plain numpy, as load_data reads its
 files). It imports only numpy and TensorFlow, like the tutorial. 5 epochs (the tutorial uses 10),
 to match the benchmark's tutorial run.
