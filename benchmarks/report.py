@@ -119,7 +119,12 @@ def _tutorial(results):
       lines.append('This fmnist_jax has no persistent compilation cache (no `compile_cache_dir` '
                    'config field): every fmnist_jax command compiles.')
   lines += ['', 'Order of the rounds:', '']
-  lines += [f'{i + 1}. ' + ', '.join(order) for i, order in enumerate(results['round_orders'])]
+  loads = results.get('round_load', [])
+  for i, order in enumerate(results['round_orders']):
+    load = loads[i] if i < len(loads) and None not in loads[i] else None
+    lines.append(f'{i + 1}. ' + ', '.join(order)
+                 + (f' (1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end)'
+                    if load and len(load) == 2 else ''))
   lines += ['', 'Peers:', ''] + [f'- `{p}`: {d}' for p, d in results['descriptions'].items()]
   return lines
 

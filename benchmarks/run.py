@@ -305,6 +305,14 @@ def prepare_data():
   return data.data_dir(config.data)
 
 
+def load_average():
+  """The 1-minute load average (None where the platform has none)."""
+  try:
+    return os.getloadavg()[0]
+  except (AttributeError, OSError):
+    return None
+
+
 def log(message):
   print(message, flush=True)
 
@@ -337,6 +345,7 @@ def measure_tutorial(args, active, results, data_dir):
     for r in range(args.rounds):
       order = [e for e in rotated(entries, r, args.rounds) if e not in failed]
       results['round_orders'].append(order)
+      results['round_load'].append([load_average()])
       for position, entry in enumerate(order):
         if entry == KERAS_SCRIPT:
           result = users.keras_script()
@@ -356,6 +365,7 @@ def measure_tutorial(args, active, results, data_dir):
         cache = f', compile cache {result["compile_cache"]}' if 'compile_cache' in result else ''
         log(f'round {r + 1}  {entry:21s} {detail}whole command {result["wall_seconds"]:6.2f} s'
             f'{cache}')
+      results['round_load'][-1].append(load_average())
   finally:
     users.close()
   for peer in active:
@@ -432,9 +442,10 @@ def main(argv=None):
       + (' (scratch: --quick never writes the committed reports)' if args.quick else ''))
   env = environment(args, argv)
   results = {'environment': env, 'skipped': {}, 'first_runs': {}, 'tutorial': {}, 'ratios': {},
-             'round_orders': [], 'throughput': {}, 'models': {}, 'target_accuracy': TARGET_ACCURACY,
-             'tutorial_epochs': args.epochs, 'tutorial_batch_size': TUTORIAL_BATCH,
-             'rounds': args.rounds, 'batch_sizes': args.batch_sizes,
+             'round_orders': [], 'round_load': [], 'throughput': {}, 'models': {},
+             'target_accuracy': TARGET_ACCURACY, 'tutorial_epochs': args.epochs,
+             'tutorial_batch_size': TUTORIAL_BATCH, 'rounds': args.rounds,
+             'batch_sizes': args.batch_sizes,
              'throughput_epochs': args.throughput_epochs, 'descriptions': {
                  p: peers_lib.PEERS[p][1] for p in args.peers}}
   active = []
@@ -445,6 +456,10 @@ def main(argv=None):
     else:
       active.append(peer)
   data_dir = prepare_data()
+  load = load_average()
+  if load is not None and load > 0.5 * (os.cpu_count() or 1):
+    log(f'warning: load average {load:.1f} on {os.cpu_count()} cores: other processes are running, '
+        'so these timings will not hold (PyTorch\'s default threads slow down many times over)')
 
   measure_tutorial(args, active, results, data_dir)
   active = [p for p in active if p in results['tutorial']]

@@ -54,6 +54,7 @@ def test_tiny_interleaved_run_writes_a_consistent_report(data_dir, tmp_path):
   orders = results['round_orders']
   assert sorted(orders[0]) == sorted(orders[1]) == ['fmnist_jax-device', 'torch-eager']
   assert orders[0] != orders[1]
+  assert [len(load) for load in results['round_load']] == [2, 2]  # Load at each round's ends.
   tutorial = results['tutorial']
   assert set(tutorial) | set(results['skipped']) == {'fmnist_jax-device', 'torch-eager'}
   device = tutorial['fmnist_jax-device']
