@@ -102,8 +102,9 @@ def _tutorial(results):
   if any(p.startswith('fmnist_jax-') for p in tutorial):
     lines.append('')
     if results['environment'].get('compile_cache_field'):
-      lines += ['JAX\'s persistent compilation cache (`compile_cache_dir`): one folder per '
-                'fmnist_jax peer, empty at the start of the benchmark. Each fmnist_jax command ran '
+      lines += ['JAX\'s persistent compilation cache: one folder per fmnist_jax peer (the command '
+                'above plus `--config.compile_cache_dir=<folder>`), empty at the start of the '
+                'benchmark. Each fmnist_jax command ran '
                 'once into it before the rounds (its first run, below), so the rounds measure a '
                 'user\'s second run (new workdir, warm cache). Cache state in each round: '
                 + '; '.join(f'{p} ' + ', '.join(r['compile_cache'] if r else 'n/a'

@@ -185,10 +185,13 @@ class UserCommands:
     if isinstance(out, dict):
       return out
     _, wall = out
-    with open(os.path.join(workdir, 'summary.json')) as f:
-      summary = json.load(f)
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      history = [json.loads(line) for line in f if line.strip()]
+    try:
+      with open(os.path.join(workdir, 'summary.json')) as f:
+        summary = json.load(f)
+      with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        history = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+      return {'error': f'no readable summary.json / metrics.jsonl in the workdir: {e}'}
     if cache is None:
       cache_state = 'none'  # This fmnist_jax has no persistent compilation cache.
     elif summary.get('compile_cache_hit') is not None:
