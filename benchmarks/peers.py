@@ -17,8 +17,10 @@ PEERS = {
     # name: (framework, description)
     'fmnist_jax-device': ('jax', 'fmnist_jax, device mode: data resident, a whole epoch per '
                           'compiled call'),
-    'fmnist_jax-tfds': ('jax', 'fmnist_jax, tfds mode: tf.data stream, one jitted step per '
-                        'batch'),
+    'fmnist_jax-stream': ('jax', 'fmnist_jax, stream mode: batches from host memory (numpy) '
+                          'in chunks into the same compiled loop'),
+    'fmnist_jax-tfds': ('jax', 'fmnist_jax, tfds mode: batches from tf.data in chunks into the '
+                        'same compiled loop'),
     'keras-tf-tutorial': ('keras+tensorflow', 'Keras 3, TensorFlow backend, the tutorial code as '
                           'written (default fit)'),
     'keras-tf-tuned': ('keras+tensorflow', 'Keras 3, TensorFlow backend, jit_compile=True, '
@@ -29,24 +31,41 @@ PEERS = {
 }
 
 
+CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                           'base.py')
+
+
+def base_config():
+  """configs/base.py's config, loaded by path (works whether or not configs/ is a package)."""
+  try:
+    from fmnist_jax import config_files  # pylint: disable=g-import-not-at-top
+    return config_files.load(CONFIG_FILE)
+  except ImportError:
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    spec = importlib.util.spec_from_file_location('fmnist_jax_bench_base_config', CONFIG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def load_arrays():
-  from configs import base  # pylint: disable=g-import-not-at-top
   from fmnist_jax import data  # pylint: disable=g-import-not-at-top
-  return data.load(base.get_config().data)
+  return data.load(base_config().data)
 
 
 def run_fmnist_jax(mode, batch_size, epochs, num_models=1):
   """fmnist_jax's own trainer (imported, not copied): per-epoch times from its metrics."""
   import tempfile  # pylint: disable=g-import-not-at-top
-  from configs import base  # pylint: disable=g-import-not-at-top
   from fmnist_jax import trainer  # pylint: disable=g-import-not-at-top
-  config = base.get_config()
+  config = base_config()
   config.input_mode = mode
   config.batch_size = batch_size
   config.num_epochs = epochs
   config.num_models = num_models
   config.progress = False
   config.tensorboard = False
+  if 'compile_cache_dir' in config:
+    config.compile_cache_dir = ''  # Every process compiles: throughput runs measure the same work.
   with tempfile.TemporaryDirectory() as workdir:
     summary = trainer.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
