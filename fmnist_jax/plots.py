@@ -223,9 +223,9 @@ def robustness(results: dict, reference: str = 'untouched', floors: dict | None 
     ax.text(i, a + 0.01, f'{a:.2f}', ha='center', fontsize=8)
   count = next(iter(results.values()))['count']
   ax.set_xticks(range(len(names)), names, rotation=30, ha='right')
-  ax.set(ylim=(0, 1), ylabel='accuracy',
+  ax.set(ylim=(0, 1.12), ylabel='accuracy',
          title=f'Test images as photos: accuracy per family ({count} images each)')
-  ax.legend(loc='lower left', fontsize=8)
+  ax.legend(loc='upper left', ncol=3, fontsize=8)
   fig.tight_layout()
   return fig
 
