@@ -86,7 +86,7 @@ def to_rgb_or_gray(image: Image.Image) -> np.ndarray:
 def _gray(pixels: np.ndarray) -> np.ndarray:
   if pixels.ndim == 2 or pixels.shape[2] == 1:
     return pixels.reshape(pixels.shape[:2])
-  return pixels @ LUMA
+  return LUMA[0] * pixels[..., 0] + LUMA[1] * pixels[..., 1] + LUMA[2] * pixels[..., 2]
 
 
 def _background(pixels: np.ndarray):
@@ -120,16 +120,20 @@ def _background(pixels: np.ndarray):
     if keep.sum() < design.shape[1] * 4:
       keep[:] = True
   noise = float(np.quantile(residual[keep], 0.99))
-  gy = np.linspace(-1, 1, h, dtype=np.float32)[:, None]
   gx = np.linspace(-1, 1, w, dtype=np.float32)[None, :]
-  background = coef[0] + (coef[1] + coef[3] * gy[..., None]) * gx[..., None] + coef[2] * gy[..., None]
-  return background.astype(np.float32), noise
+  gy = np.linspace(-1, 1, h, dtype=np.float32)[:, None]
+  gxy = gx * gy
+  background = np.empty(channels.shape, np.float32)
+  for c in range(channels.shape[2]):  # 2-D planes: faster than broadcasting over a last axis.
+    background[..., c] = coef[0, c] + coef[1, c] * gx + coef[2, c] * gy + coef[3, c] * gxy
+  return background, noise
 
 
 def _object_mask(pixels: np.ndarray, background: np.ndarray, noise: float) -> np.ndarray:
   """Pixels whose colour stands out from the background, cleaned of noise and texture specks."""
   h, w = pixels.shape[:2]
-  distance = np.linalg.norm(pixels.reshape(h, w, -1) - background, axis=2)
+  difference = pixels.reshape(h, w, -1) - background
+  distance = np.sqrt(np.einsum('ijk,ijk->ij', difference, difference))
   mask = distance > max(TOLERANCE, 1.5 * noise)
   if min(h, w) >= 64:  # Specks of JPEG noise or texture go; a photo's object is thicker than 3 px.
     mask = ndimage.binary_opening(mask, np.ones((3, 3), bool))
@@ -256,6 +260,9 @@ def _open(path: str) -> Image.Image:
 
 def load_with_original(path: str) -> tuple[np.ndarray, np.ndarray]:
   """Reads an image file: (the picture as uint8 gray or RGB for display, uint8 [28, 28]).
+
+  The picture is upright (EXIF orientation applied), composited on white if transparent, and
+  reduced to at most WORK_SIZE pixels on its longest side.
 
   Raises:
     ImageFileError: one line naming the file, when it is missing, unreadable or blank.
