@@ -1,54 +1,294 @@
-"""Your own pictures as Fashion-MNIST inputs: grayscale, 28x28, light object on black."""
+"""Your own pictures as Fashion-MNIST inputs, made the way the dataset's images were made.
+
+Fashion-MNIST's conversion (Xiao, Rasul, Vollgraf 2017, section 2): trim the background around
+the article, resize the longest edge to 28, sharpen, centre on a 28x28 canvas, negate, 8-bit gray.
+A photo only looks like the training data after the same steps: without the trim an article with
+margins shrinks to a blob in the middle of the frame.
+
+    to_fashion_mnist(pil_image) -> uint8 [28, 28]
+    load(path) -> uint8 [28, 28]              (ImageFileError, one line, for unreadable files)
+    load_with_original(path) -> (uint8 picture for display, uint8 [28, 28])
+    conversion_steps(pil_image) -> [(name, array), ...]   (for a figure of the steps)
+"""
+
+import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
 
 from fmnist_jax.errors import UserError
 
 SIZE = 28
+# Longest side a picture is reduced to before background detection (a phone photo is 4000 px).
+WORK_SIZE = 512
+# The dataset's trim tolerance: 5% of the maximum intensity.
+TOLERANCE = 0.05 * 255
+# ITU-R 601 luma, the weights of Pillow's convert('L').
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 class ImageFileError(UserError):
-  """A file that is missing or is not a readable image."""
+  """A file that is missing, is not a readable image, or shows no object."""
+
+
+def _sharpen_kernel() -> np.ndarray:
+  """ImageMagick's `-sharpen 1x1` kernel: radius 1, Gaussian sigma 1, as the dataset used."""
+  u = np.arange(-1, 2)
+  g = np.exp(-(u[:, None] ** 2 + u[None, :] ** 2) / 2.0) / (2 * np.pi)
+  kernel = -g
+  kernel[1, 1] = 2 * g.sum()
+  return (kernel / kernel.sum()).astype(np.float32)
+
+
+SHARPEN = _sharpen_kernel()
+
+
+def _gray_levels(image: Image.Image) -> np.ndarray:
+  """A 16-bit or 32-bit grayscale image as float 0-255 (not clipped to white as convert('L'))."""
+  a = np.asarray(image, dtype=np.float64)
+  finite = a[np.isfinite(a)]
+  if finite.size == 0:
+    return np.zeros(a.shape, np.float32)
+  lo, hi = float(finite.min()), float(finite.max())
+  if image.mode.startswith('I;16'):
+    scaled = a / 257.0  # The format's own range, 0-65535.
+  elif image.mode == 'F' and lo >= 0 and hi <= 1:
+    scaled = a * 255.0  # Floats in 0-1, the usual convention.
+  elif lo >= 0 and hi <= 255:
+    scaled = a
+  elif lo >= 0 and hi <= 65535:
+    scaled = a / 257.0  # A 16-bit image stored as 32-bit (how Pillow opens some 16-bit PNGs).
+  else:
+    scaled = (a - lo) * (255.0 / (hi - lo))  # Anything else: its own min/max.
+  return np.nan_to_num(np.clip(scaled, 0, 255)).astype(np.float32)
+
+
+def to_rgb_or_gray(image: Image.Image) -> np.ndarray:
+  """Any PIL image as float32 0-255, [H, W] (gray) or [H, W, 3] (colour).
+
+  Transparency is composited on white (like a web page); 16/32-bit grayscale is scaled to 0-255;
+  CMYK, palette and other modes go through Pillow's RGB conversion.
+  """
+  if image.mode in ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F'):
+    return _gray_levels(image)
+  if image.mode in ('1', 'L'):
+    return np.asarray(image.convert('L'), dtype=np.float32)
+  has_alpha = image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (
+      image.mode == 'P' and 'transparency' in image.info)
+  if has_alpha:
+    rgba = image.convert('RGBA')
+    white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+    image = Image.alpha_composite(white, rgba)
+  return np.asarray(image.convert('RGB'), dtype=np.float32)
+
+
+def _gray(pixels: np.ndarray) -> np.ndarray:
+  if pixels.ndim == 2 or pixels.shape[2] == 1:
+    return pixels.reshape(pixels.shape[:2])
+  return LUMA[0] * pixels[..., 0] + LUMA[1] * pixels[..., 1] + LUMA[2] * pixels[..., 2]
+
+
+def _background(pixels: np.ndarray):
+  """A smooth background model fitted to the picture's border, and the border's noise level.
+
+  Fits c0 + c1 x + c2 y + c3 x y per channel (a bilinear surface: uniform, gradient or a shadow
+  across the frame) to the border pixels, twice, the second time without the border pixels that
+  the first fit calls outliers (an object touching the frame).
+
+  Returns:
+    (background [H, W, C] float32, noise: a robust high quantile of the border residuals).
+  """
+  h, w = pixels.shape[:2]
+  channels = pixels.reshape(h, w, -1)
+  strip = min(max(1, round(0.02 * min(h, w))), (min(h, w) + 1) // 2)
+  rows, cols = np.r_[:strip, h - strip:h], np.r_[:strip, w - strip:w]
+  yy = np.r_[np.repeat(rows, w), np.tile(np.arange(h), len(cols))]
+  xx = np.r_[np.tile(np.arange(w), len(rows)), np.repeat(cols, h)]
+  y = (yy / max(h - 1, 1) * 2 - 1).astype(np.float32)
+  x = (xx / max(w - 1, 1) * 2 - 1).astype(np.float32)
+  design = np.stack([np.ones_like(x), x, y, x * y], axis=1)
+  values = channels[yy, xx]
+  keep = np.ones(len(values), bool)
+  for _ in range(2):
+    coef, *_ = np.linalg.lstsq(design[keep], values[keep], rcond=None)
+    coef = coef.astype(np.float32)
+    residual = np.linalg.norm(values - design @ coef, axis=1)
+    med = np.median(residual[keep])
+    spread = 1.4826 * np.median(np.abs(residual[keep] - med)) + 1e-3
+    keep = residual <= med + 4 * spread
+    if keep.sum() < design.shape[1] * 4:
+      keep[:] = True
+  noise = float(np.quantile(residual[keep], 0.99))
+  gx = np.linspace(-1, 1, w, dtype=np.float32)[None, :]
+  gy = np.linspace(-1, 1, h, dtype=np.float32)[:, None]
+  gxy = gx * gy
+  background = np.empty(channels.shape, np.float32)
+  for c in range(channels.shape[2]):  # 2-D planes: faster than broadcasting over a last axis.
+    background[..., c] = coef[0, c] + coef[1, c] * gx + coef[2, c] * gy + coef[3, c] * gxy
+  return background, noise
+
+
+def _object_mask(pixels: np.ndarray, background: np.ndarray, noise: float) -> np.ndarray:
+  """Pixels whose colour stands out from the background, cleaned of noise and texture specks."""
+  h, w = pixels.shape[:2]
+  difference = pixels.reshape(h, w, -1) - background
+  distance = np.sqrt(np.einsum('ijk,ijk->ij', difference, difference))
+  mask = distance > max(TOLERANCE, 1.5 * noise)
+  if min(h, w) >= 64:  # Specks of JPEG noise or texture go; a photo's object is thicker than 3 px.
+    mask = ndimage.binary_opening(mask, np.ones((3, 3), bool))
+  labels, count = ndimage.label(mask, np.ones((3, 3), bool))
+  if count > 1:  # Keep the object's parts; drop stray blobs much smaller than the largest part.
+    areas = np.bincount(labels.ravel())[1:]
+    mask = np.isin(labels, 1 + np.flatnonzero(areas >= 0.02 * areas.max()))
+  return mask
+
+
+def _intensity(gray: np.ndarray, background_gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """Fashion-MNIST intensity 0-255: how far each pixel is from the background, toward the object.
+
+  A dark object on a light background is negated relative to the local background level (on white
+  this is exactly 255 - gray); a light object on a dark background is measured up from it.
+  """
+  diff = gray - background_gray
+  dark_object = np.median(diff[mask]) < 0 if mask.any() else True
+  if dark_object:
+    out = -diff / np.maximum(background_gray, 32) * 255
+  else:
+    out = diff / np.maximum(255 - background_gray, 32) * 255
+  return np.clip(out, 0, 255)
+
+
+def _resize_longest(crop: np.ndarray) -> np.ndarray:
+  """Resizes a float image so its longest edge is 28 (area average when shrinking)."""
+  h, w = crop.shape
+  scale = SIZE / max(h, w)
+  size = (max(1, min(SIZE, round(w * scale))), max(1, min(SIZE, round(h * scale))))
+  resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
+  return np.asarray(Image.fromarray(crop.astype(np.float32)).resize(size, resample))
+
+
+def _sharpen(small: np.ndarray) -> np.ndarray:
+  return np.clip(ndimage.correlate(small, SHARPEN, mode='nearest'), 0, 255)
+
+
+def _centre(small: np.ndarray) -> np.ndarray:
+  h, w = small.shape
+  canvas = np.zeros((SIZE, SIZE), np.float32)
+  top, left = (SIZE - h + 1) // 2, (SIZE - w + 1) // 2  # The dataset's odd margin goes first.
+  canvas[top:top + h, left:left + w] = small
+  return canvas
+
+
+def _steps(image: Image.Image) -> list[tuple[str, np.ndarray]]:
+  """The conversion's intermediate arrays, the last one being the uint8 [28, 28] result."""
+  if max(image.size) > WORK_SIZE:  # Detection needs no more pixels than this; keeps it quick.
+    image = image.copy()
+    image.thumbnail((WORK_SIZE, WORK_SIZE), Image.Resampling.BOX)
+  pixels = to_rgb_or_gray(image)
+  steps = [('picture', pixels)]
+  gray = _gray(pixels)
+  if pixels.shape[:2] == (SIZE, SIZE):  # Already Fashion-MNIST's size: kept pixel for pixel.
+    if pixels.ndim == 3:  # Pillow's integer luma, so a gray RGB file gives its gray back exactly.
+      r, g, b = np.moveaxis(pixels.astype(np.uint32), 2, 0)
+      gray = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.float32)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    out = 255 - gray if np.median(border) > 127 else gray
+    return steps + [('28x28', np.round(out).astype(np.uint8))]
+  background, noise = _background(pixels)
+  mask = _object_mask(pixels, background, noise)
+  if not mask.any():
+    raise ImageFileError('no object stands out from the background (the picture is one colour).')
+  steps.append(('object found', mask))
+  rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+  box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+  filled = ndimage.binary_fill_holes(mask[box])
+  near_object = ndimage.binary_dilation(filled, np.ones((3, 3), bool), iterations=2)
+  intensity = _intensity(gray[box], _gray(background)[box], filled) * near_object
+  steps.append(('trimmed, negated', intensity))
+  small = _resize_longest(intensity)
+  steps.append(('longest edge 28', small))
+  sharp = _sharpen(small)
+  steps.append(('sharpened', sharp))
+  steps.append(('centred 28x28', np.round(_centre(sharp)).astype(np.uint8)))
+  return steps
 
 
 def to_fashion_mnist(image: Image.Image) -> np.ndarray:
-  """Converts any PIL image to uint8 [28, 28] the way Fashion-MNIST looks.
+  """Converts any PIL image to uint8 [28, 28] the way Fashion-MNIST's images were made.
 
-  Grayscale; scaled so the longer side is 28 (aspect ratio kept, area-averaged when shrinking)
-  and centred on the background colour; inverted when the background is light, because
-  Fashion-MNIST shows a light object on a black background.
+  The background is modelled from the picture's border (its colour, a gradient or shadow across
+  the frame, its noise level); the object is what stands out from it by more than the dataset's 5%
+  or the noise, whichever is larger. The picture is trimmed to the object, the longest edge
+  resized to 28, sharpened (radius 1, sigma 1), centred, and turned into a light object on black.
+  A 28x28 picture is kept as it is (inverted only if its background is light).
+
+  Raises:
+    ImageFileError: nothing stands out from the background.
   """
-  if image.mode in ('RGBA', 'LA', 'P'):
-    image = image.convert('RGBA')
-    background = Image.new('RGBA', image.size, (255, 255, 255, 255))
-    image = Image.alpha_composite(background, image)  # Transparent -> white, like a web page.
-  gray = image.convert('L')
-  pixels = np.asarray(gray)
-  border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-  background = int(np.median(border))
-  width, height = gray.size
-  scale = SIZE / max(width, height)
-  new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-  resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
-  resized = gray.resize(new_size, resample) if new_size != gray.size else gray
-  canvas = Image.new('L', (SIZE, SIZE), background)
-  canvas.paste(resized, ((SIZE - new_size[0]) // 2, (SIZE - new_size[1]) // 2))
-  out = np.asarray(canvas, dtype=np.uint8)
-  return 255 - out if background > 127 else out
+  return _steps(image)[-1][1]
 
 
-def load(path: str) -> np.ndarray:
-  """Reads an image file into uint8 [28, 28]; ImageFileError names the file on failure."""
+def conversion_steps(image: Image.Image) -> list[tuple[str, np.ndarray]]:
+  """(name, array) for each step of `to_fashion_mnist`, for a figure; the last is the result."""
+  return _steps(image)
+
+
+def _open(path: str) -> Image.Image:
+  """Opens, decodes and orients an image file; any failure becomes a one-line ImageFileError."""
   try:
-    with Image.open(path) as image:
-      image.load()
-      return to_fashion_mnist(image)
+    with warnings.catch_warnings():
+      # Pillow only warns for pictures between its pixel limit and twice that; refuse them too.
+      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      with Image.open(path) as image:
+        image.load()
+        return ImageOps.exif_transpose(image)
   except FileNotFoundError:
     raise ImageFileError(f'{path}: file not found.') from None
   except IsADirectoryError:
     raise ImageFileError(f'{path}: is a folder, not an image file.') from None
-  except (UnidentifiedImageError, OSError, ValueError) as e:
-    reason = 'not an image file' if isinstance(e, UnidentifiedImageError) else str(e)
-    raise ImageFileError(f'{path}: {reason} (PNG, JPEG, GIF, BMP, TIFF and WebP are read).'
-                         ) from None
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise ImageFileError(f'{path}: too many pixels to read safely ({e}).') from None
+  except UnidentifiedImageError:
+    raise ImageFileError(f'{path}: not an image file (PNG, JPEG, GIF, BMP, TIFF and WebP '
+                         'are read).') from None
+  except Exception as e:  # pylint: disable=broad-except
+    # A damaged file makes Pillow raise almost anything (OSError, SyntaxError, struct.error...).
+    reason = ' '.join(str(e).split()) or type(e).__name__
+    raise ImageFileError(f'{path}: damaged or unreadable image ({reason}).') from None
+
+
+def load_with_original(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """Reads an image file: (the picture as uint8 gray or RGB for display, uint8 [28, 28]).
+
+  The picture is upright (EXIF orientation applied), composited on white if transparent, and
+  reduced to at most WORK_SIZE pixels on its longest side.
+
+  Raises:
+    ImageFileError: one line naming the file, when it is missing, unreadable or blank.
+  """
+  image = _open(path)
+  try:
+    steps = _steps(image)
+  except ImageFileError as e:
+    raise ImageFileError(f'{path}: {e}') from None
+  return np.round(steps[0][1]).astype(np.uint8), steps[-1][1]
+
+
+def load(path: str) -> np.ndarray:
+  """Reads an image file into uint8 [28, 28]; ImageFileError names the file on failure."""
+  return load_with_original(path)[1]
+
+
+def load_all(paths) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
+  """Reads many files: ([(path, uint8 [28, 28]), ...] in order, one-line errors of the others).
+
+  A file named twice is read twice; a bad file does not stop the others.
+  """
+  loaded, errors = [], []
+  for path in paths:
+    try:
+      loaded.append((path, load(path)))
+    except ImageFileError as e:
+      errors.append(str(e))
+  return loaded, errors

@@ -171,3 +171,99 @@ def training_curves(history: list[dict]) -> Figure:
     ax.legend()
   fig.tight_layout()
   return fig
+
+
+def _show_picture(ax, picture, title):
+  """A user's picture as it is: colour as colour, gray as gray (not the tutorial's binary map)."""
+  if picture.ndim == 2:
+    ax.imshow(picture, cmap='gray', vmin=0, vmax=255)
+  else:
+    ax.imshow(picture)
+  ax.set(xticks=[], yticks=[], title=title)
+
+
+def file_prediction(original, converted, probs, true_label: int | None = None,
+                    title: str = '') -> Figure:
+  """A file's picture, the 28x28 input it became, and the model's 10-class bars.
+
+  The input and bars are drawn as the tutorial's plot_image/plot_value_array. Without a true
+  label the predicted class is shown in a neutral colour (nothing says whether it is right).
+  """
+  fig = Figure(figsize=(10, 3.2))
+  _show_picture(fig.add_subplot(1, 3, 1), np.asarray(original), title or 'your picture')
+  ax = fig.add_subplot(1, 3, 2)
+  predicted = int(np.argmax(probs))
+  if true_label is None:
+    ax.imshow(converted, cmap='binary')
+    ax.set(xticks=[], yticks=[])
+    ax.set_xlabel(f'{CLASS_NAMES[predicted]} {100 * np.max(probs):2.0f}%', color='black')
+    ax = fig.add_subplot(1, 3, 3)
+    bars = ax.bar(range(10), probs, color='#bbbbbb')
+    bars[predicted].set_color(NEUTRAL)
+    ax.set_ylim(0, 1)
+    ax.set_xticks(range(10), CLASS_NAMES, rotation=45, ha='right')
+  else:
+    _plot_image(ax, converted, probs, int(true_label))
+    _plot_bars(fig.add_subplot(1, 3, 3), probs, int(true_label), names=True)
+  fig.axes[1].set_title('what the model saw (28x28)')
+  fig.tight_layout()
+  return fig
+
+
+def conversion_steps(steps) -> Figure:
+  """One panel per step of `images.conversion_steps`: picture -> ... -> 28x28 input."""
+  fig = Figure(figsize=(2.6 * len(steps), 2.9))
+  for k, (name, array) in enumerate(steps):
+    ax = fig.add_subplot(1, len(steps), k + 1)
+    array = np.asarray(array)
+    if k == 0:
+      _show_picture(ax, np.clip(array, 0, 255).astype(np.uint8), name)
+    else:
+      ax.imshow(array, cmap='gray', vmin=0, vmax=1 if array.dtype == bool else 255)
+      ax.set(xticks=[], yticks=[], title=name)
+    ax.set_xlabel(f'{array.shape[1]}x{array.shape[0]}', fontsize=8)
+  fig.tight_layout()
+  return fig
+
+
+def robustness(results: dict, reference: str = 'untouched', floors: dict | None = None) -> Figure:
+  """Accuracy per photo family as bars, the untouched test images' accuracy as a line."""
+  names = [f for f in results if f != reference]
+  acc = [results[f]['accuracy'] for f in names]
+  fig = Figure(figsize=(10, 4))
+  ax = fig.add_subplot()
+  ax.bar(range(len(names)), acc, color=RIGHT)
+  if reference in results:
+    ref = results[reference]['accuracy']
+    ax.axhline(ref, color='black', lw=1, label=f'{reference} test images ({ref:.3f})')
+    ax.axhline(ref - 0.05, color='black', lw=1, ls=':', label='5 points below')
+  if floors:
+    ax.scatter([i for i, f in enumerate(names) if f in floors],
+               [floors[f] for f in names if f in floors], marker='_', s=300, color=WRONG,
+               label='test floor', zorder=3)
+  for i, a in enumerate(acc):
+    ax.text(i, a + 0.01, f'{a:.2f}', ha='center', fontsize=8)
+  count = next(iter(results.values()))['count']
+  ax.set_xticks(range(len(names)), names, rotation=30, ha='right')
+  ax.set(ylim=(0, 1.12), ylabel='accuracy',
+         title=f'Test images as photos: accuracy per family ({count} images each)')
+  ax.legend(loc='upper left', ncol=3, fontsize=8)
+  fig.tight_layout()
+  return fig
+
+
+def robustness_examples(examples: dict) -> Figure:
+  """For each family a few photos made from test images, each beside the 28x28 input it became."""
+  per = max(len(v) for v in examples.values())
+  fig = Figure(figsize=(2.2 * per * 2, 1.5 * len(examples)))
+  for row, (family, pairs) in enumerate(examples.items()):
+    for k, (picture, converted) in enumerate(pairs):
+      ax = fig.add_subplot(len(examples), 2 * per, row * 2 * per + 2 * k + 1)
+      _show_picture(ax, picture, '')
+      if k == 0:
+        ax.set_ylabel(family, rotation=0, ha='right', va='center', fontsize=8)
+      ax = fig.add_subplot(len(examples), 2 * per, row * 2 * per + 2 * k + 2)
+      ax.imshow(converted, cmap='binary')
+      ax.set(xticks=[], yticks=[])
+  fig.tight_layout()
+  return fig

@@ -108,17 +108,24 @@ def picture_files(tmp_path_factory, arrays):
 def test_image_variants_become_the_original_array(picture_files):
   original, paths = picture_files
   for path in paths:
-    np.testing.assert_array_equal(images.load(path), original, err_msg=path)
+    if Image.open(path).size == (28, 28):  # Already Fashion-MNIST's form: kept exactly.
+      np.testing.assert_array_equal(images.load(path), original, err_msg=path)
+    else:  # Trimmed (the dataset's 5% tolerance drops the faintest fringe), resized and
+      # sharpened again like the dataset: the same article, not identical pixels.
+      out = images.load(path).astype(float)
+      assert np.corrcoef(out.ravel(), original.ravel())[0, 1] > 0.9, path
+      assert np.abs(out - original).mean() < 16, path
 
 
 def test_wide_light_photo_is_fitted_and_inverted(tmp_path):
   picture = np.full((60, 120, 3), 240, np.uint8)
-  picture[20:40, 50:70] = 10  # A dark square on a light, wide background.
+  picture[20:40, 40:80] = 10  # A dark 40x20 bar on a light, wide background.
   Image.fromarray(picture).save(tmp_path / 'wide.jpg')
   out = images.load(str(tmp_path / 'wide.jpg'))
   assert out.shape == (28, 28) and out.dtype == np.uint8
   assert out[0, 0] < 30 and out[14, 14] > 200  # Inverted: black background, light object.
-  assert out[:7].max() < 30  # Aspect ratio kept: 120x60 -> 28x14, padded above and below.
+  assert out[14].min() > 200  # Trimmed to the bar, which then spans the frame's width...
+  assert out[:6].max() < 30 and out[-6:].max() < 30  # ...as 28x14, padded above and below.
 
 
 def test_classify_files_cli(workdir, picture_files, arrays, tmp_path):
