@@ -50,16 +50,17 @@ def parse_flags(argv: Sequence[str], config_flags_to_load: Sequence[str] = ()) -
 
 
 class _QuietFrameworks(pylogging.Filter):
-  """Drops tfds's and orbax's warnings about their own internals (e.g. "Variant folder ... has no
-  dataset_info.json" while preparing) unless --verbosity asks for INFO or more."""
+  """Unless --verbosity asks for INFO or more, drops tfds's warnings about its own internals (e.g.
+  "Variant folder ... has no dataset_info.json" while preparing) and orbax's log lines: an orbax
+  failure also reaches the caller as an exception (a full disk, say), told once, in one line."""
 
   def filter(self, record):
-    if logging.get_verbosity() >= logging.INFO or record.levelno >= pylogging.ERROR:
+    if logging.get_verbosity() >= logging.INFO:
       return True
-    return not any(part in record.pathname for part in _QUIET_PACKAGES)
-
-
-_QUIET_PACKAGES = (f'{os.sep}tensorflow_datasets{os.sep}', f'{os.sep}orbax{os.sep}')
+    if f'{os.sep}orbax{os.sep}' in record.pathname:
+      return False
+    return not (f'{os.sep}tensorflow_datasets{os.sep}' in record.pathname
+                and record.levelno < pylogging.ERROR)
 
 
 def run(main: Callable[[list[str]], None], config_flags_to_load: Sequence[str] = ()) -> None:

@@ -3,6 +3,7 @@
     python -m fmnist_jax.predict --workdir workdirs/base            # evaluate the test set
     python -m fmnist_jax.predict --workdir workdirs/base shoe.png   # classify image files
     python -m fmnist_jax.predict --workdir workdirs/base --json *.png
+    python -m fmnist_jax.predict --workdir workdirs/base --robustness   # photos made from tests
 
 The library functions work in a notebook too: fmnist_jax.inference (load_trained, predict_probs),
 confusion_matrix and per_class_table here, fmnist_jax.plots for the figures. Nothing here changes
@@ -10,6 +11,8 @@ the workdir's training files: checkpoints are opened read-only.
 """
 
 import json
+import os
+import re
 import sys
 
 import numpy as np
@@ -28,6 +31,10 @@ _FIGURES = flags.DEFINE_bool('figures', True, 'Write the PNG figures.')
 _FIGURES_DIR = flags.DEFINE_string('figures_dir', None,
                                    'Where figures go; default: <workdir>/figures.')
 _INDEX = flags.DEFINE_integer('index', 0, 'The test image to show on its own (the tutorial: 0).')
+_ROBUSTNESS = flags.DEFINE_bool('robustness', False,
+                                'Measure accuracy on test images turned into photos, per family.')
+_ROBUSTNESS_IMAGES = flags.DEFINE_integer('robustness_images', 500,
+                                          'Test images per family for --robustness.', lower_bound=1)
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int = 10):
@@ -115,31 +122,73 @@ def evaluate_test_set(workdir: str, index: int = 0, figures_dir: str | None = ''
   return result
 
 
-def classify_files(workdir: str, paths: list[str], as_json: bool = False) -> int:
-  """Prints the top-3 classes of each image file; returns the number of files that failed."""
+def classify_files(workdir: str, paths: list[str], as_json: bool = False,
+                   figures_dir: str | None = '') -> int:
+  """Prints the top-3 classes of each image file and draws what the model saw; returns the number
+  of files that failed (each told in one line, the others still classified)."""
   from fmnist_jax.inference import load_trained, predict_probs  # pylint: disable=g-import-not-at-top  (JAX)
   config, graphdef, params = load_trained(workdir)
   loaded, failures = [], []
   for path in paths:
     try:
-      loaded.append((path, images_lib.load(path)))
+      loaded.append((path, *images_lib.load_with_original(path)))
     except images_lib.ImageFileError as e:
       failures.append(str(e))
       print(f'error: {_one_line(str(e))}', file=sys.stderr, flush=True)
   results = []
   if loaded:
-    probs = predict_probs(config, graphdef, params, np.stack([image for _, image in loaded]))
-    for (path, _), p in zip(loaded, probs):
+    probs = predict_probs(config, graphdef, params, np.stack([c for _, _, c in loaded]))
+    out = workdir_lib.figures_folder(workdir, figures_dir)
+    if out:
+      from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
+      plots.use_headless_backend()
+    for k, ((path, original, converted), p) in enumerate(zip(loaded, probs)):
       top = np.argsort(-p)[:3]
-      results.append({'file': path, 'top3': [
-          {'class': CLASS_NAMES[k], 'label': int(k), 'probability': float(p[k])} for k in top]})
+      result = {'file': path, 'top3': [
+          {'class': CLASS_NAMES[c], 'label': int(c), 'probability': float(p[c])} for c in top]}
+      if out:
+        name = re.sub(r'[^\w.-]+', '_', os.path.basename(path))[:60]
+        result['figure'] = plots.save(
+            plots.file_prediction(original, converted, p, title=_one_line(path)), out,
+            f'file_{k}_{name}')
+      results.append(result)
   if as_json:
     print(json.dumps({'predictions': results, 'errors': failures}))
   else:
     for r in results:
+      figure = f'  (figure: {r["figure"]})' if 'figure' in r else ''
       print(f'{_one_line(r["file"])}: ' + ', '.join(
-          f'{t["class"]} {100 * t["probability"]:.1f}%' for t in r['top3']))
+          f'{t["class"]} {100 * t["probability"]:.1f}%' for t in r['top3']) + _one_line(figure))
   return len(failures)
+
+
+def robustness_report(workdir: str, num_images: int = 500, figures_dir: str | None = '',
+                      as_json: bool = False) -> dict:
+  """Accuracy on test images turned into photos, per family, beside the untouched accuracy."""
+  from fmnist_jax import robustness  # pylint: disable=g-import-not-at-top
+  from fmnist_jax.inference import load_trained, predict_probs  # pylint: disable=g-import-not-at-top  (JAX)
+  config, graphdef, params = load_trained(workdir)
+  test = data.load(config.data)['test']
+  results = robustness.evaluate(lambda x: predict_probs(config, graphdef, params, x),
+                                test['image'], test['label'], n_per_family=num_images)
+  report = {'families': results, 'untouched_accuracy': results['untouched']['accuracy']}
+  out = workdir_lib.figures_folder(workdir, figures_dir)
+  if out:
+    from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
+    plots.use_headless_backend()
+    report['figure'] = plots.save(plots.robustness(results), out, 'robustness')
+  if as_json:
+    print(json.dumps(report))
+    return report
+  untouched = report['untouched_accuracy']
+  print(f'Test images turned into photos ({num_images} per family), converted as predict '
+        'converts your files:')
+  print(f'{"family":20s} {"accuracy":>9s} {"vs untouched":>13s}')
+  for family, r in results.items():
+    print(f'{family:20s} {r["accuracy"]:9.4f} {100 * (r["accuracy"] - untouched):+12.1f}p')
+  if 'figure' in report:
+    print(f'wrote {report["figure"]}')
+  return report
 
 
 def _one_line(text: str) -> str:
@@ -150,8 +199,10 @@ def _one_line(text: str) -> str:
 def main(argv):
   files = argv[1:]
   figures_dir = (_FIGURES_DIR.value or '') if _FIGURES.value else None
-  if files:
-    if classify_files(_WORKDIR.value, files, _JSON.value):
+  if _ROBUSTNESS.value:
+    robustness_report(_WORKDIR.value, _ROBUSTNESS_IMAGES.value, figures_dir, _JSON.value)
+  elif files:
+    if classify_files(_WORKDIR.value, files, _JSON.value, figures_dir):
       raise SystemExit(1)
   else:
     evaluate_test_set(_WORKDIR.value, _INDEX.value, figures_dir, _JSON.value)

@@ -56,6 +56,18 @@ def config(data_dir):
   return config
 
 
+@pytest.fixture(scope='session')
+def trained_workdir(tmp_path_factory, data_dir):
+  """configs/test.py trained for its one epoch (with TensorBoard files): read-only for tests."""
+  from fmnist_jax import trainer
+  config = load_test_config()
+  config.data.data_dir = data_dir
+  config.tensorboard = True
+  path = tmp_path_factory.mktemp('trained')
+  trainer.train_and_evaluate(config, str(path))
+  return path
+
+
 def run_cli(*args, env=None, timeout=600, cwd=ROOT):
   """Runs `python -m <args>` and returns the CompletedProcess (text output)."""
   full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **(env or {}))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist_jax import CLASS_NAMES, images, predict, robustness, trainer
+from fmnist_jax import CLASS_NAMES, images, inference, robustness
+from tests.conftest import run_cli
 
 # Floors a few points below what configs/test.py's one-epoch model measured on these 200 test
 # images per family (untouched 0.820; whole-article families 0.835-0.855; rotated 0.670; shadow
@@ -31,15 +32,10 @@ FLOORS = {
 
 
 @pytest.fixture(scope='module')
-def model(tmp_path_factory, data_dir):
+def model(trained_workdir):
   """configs/test.py trained for its one epoch: a probs_fn for uint8 [N, 28, 28]."""
-  from configs import test as test_config
-  config = test_config.get_config()
-  config.data.data_dir = data_dir
-  path = str(tmp_path_factory.mktemp('trained'))
-  trainer.train_and_evaluate(config, path)
-  config, graphdef, params = predict.load_trained(path)
-  return lambda x: predict.predict_probs(config, graphdef, params, x)
+  config, graphdef, params = inference.load_trained(str(trained_workdir))
+  return lambda x: inference.predict_probs(config, graphdef, params, x)
 
 
 def test_photo_families_meet_their_floors(model, arrays):
@@ -244,3 +240,19 @@ def test_figures_of_a_file_and_of_the_families(arrays):
   assert len(unlabelled.axes) == 3 and len(steps.axes) == len(images.conversion_steps(photo))
   assert unlabelled.axes[1].get_xlabel() == f'{CLASS_NAMES[7]} 82%'
   assert len(bars.axes[0].patches) == 1  # One bar per family; 'untouched' is the line.
+
+
+def test_predict_cli_reports_each_hostile_file_in_one_line(trained_workdir, hostile_files, arrays,
+                                                          tmp_path):
+  good = str(tmp_path / 'good\nname.png')
+  _photo(arrays).save(good)
+  paths = [good, *hostile_files.values(), good]
+  result = run_cli('fmnist_jax.predict', f'--workdir={trained_workdir}',
+                   f'--figures_dir={tmp_path / "figures"}', *paths)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == len(hostile_files) == len(result.stderr.strip().splitlines())
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 2 and all(l.startswith(f'{tmp_path}/good\\nname.png: ') for l in lines)
+  figures = sorted((tmp_path / 'figures').glob('file_*.png'))
+  assert len(figures) == 2  # One per classified file, a file named twice drawn twice.

@@ -4,23 +4,19 @@ import glob
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from PIL import Image
 
-from fmnist_jax import CLASS_NAMES, images, plots, predict, trainer
-from tests.conftest import load_test_config, run_cli
+from fmnist_jax import CLASS_NAMES, images, inference, plots, predict
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory, data_dir):
-  config = load_test_config()
-  config.data.data_dir = data_dir
-  config.tensorboard = True
-  path = tmp_path_factory.mktemp('trained')
-  trainer.train_and_evaluate(config, str(path))
-  return path
+def workdir(trained_workdir):
+  return trained_workdir
 
 
 def _assert_real_png(path, min_size=(200, 150)):
@@ -130,8 +126,8 @@ def test_wide_light_photo_is_fitted_and_inverted(tmp_path):
 
 def test_classify_files_cli(workdir, picture_files, arrays, tmp_path):
   original, paths = picture_files
-  config, graphdef, params = predict.load_trained(str(workdir))
-  expected = int(predict.predict_probs(config, graphdef, params, original[None]).argmax())
+  config, graphdef, params = inference.load_trained(str(workdir))
+  expected = int(inference.predict_probs(config, graphdef, params, original[None]).argmax())
   not_image = tmp_path / 'notes.txt'
   not_image.write_text('not a picture')
   missing = tmp_path / 'missing.png'
@@ -145,6 +141,7 @@ def test_classify_files_cli(workdir, picture_files, arrays, tmp_path):
   out = json.loads(result.stdout.strip().splitlines()[-1])
   assert [p['file'] for p in out['predictions']] == paths  # The others were still classified.
   for p in out['predictions']:
+    _assert_real_png(p['figure'])  # The picture, the 28x28 input it became, the 10 bars.
     assert p['top3'][0]['label'] == expected
     assert len(p['top3']) == 3
     assert p['top3'][0]['probability'] >= p['top3'][1]['probability'] >= p['top3'][2][
@@ -191,3 +188,77 @@ def test_figure_functions_return_figures(arrays):
   from matplotlib.colors import to_rgb
   assert colors[int(labels[3])] == tuple(round(c, 3) for c in to_rgb(plots.RIGHT))
   assert colors[(int(labels[3]) + 1) % 10] == tuple(round(c, 3) for c in to_rgb(plots.WRONG))
+
+
+def test_robustness_cli(workdir, tmp_path):
+  result = run_cli('fmnist_jax.predict', f'--workdir={workdir}', '--robustness',
+                   '--robustness_images=60', '--json', f'--figures_dir={tmp_path}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  families = report['families']
+  assert {'untouched', 'light_margins', 'jpeg', 'rotated'} <= set(families)
+  assert all(f['count'] == 60 and 0 <= f['accuracy'] <= 1 for f in families.values())
+  assert report['untouched_accuracy'] == families['untouched']['accuracy'] >= 0.7
+  _assert_real_png(report['figure'])
+
+
+def _checkpoints(workdir):
+  folder = workdir / 'checkpoints'
+  return sorted(n for n in os.listdir(folder)) if folder.exists() else []
+
+
+def test_predict_beside_a_running_training(data_dir, workdir, tmp_path):
+  """predict, run again and again while a training saves checkpoints into the same workdir,
+  changes nothing there: the training finishes with the same result as alone."""
+  import subprocess
+  import sys
+  import time
+  from tests.conftest import ROOT, restore_state, load_test_config
+  args = ['--config', 'configs/test.py', f'--config.data.data_dir={data_dir}',
+          '--config.num_epochs=2', '--config.checkpoint_every_steps=40']
+  busy = tmp_path / 'busy'
+  training = subprocess.Popen([sys.executable, '-m', 'fmnist_jax.train', *args,
+                               f'--workdir={busy}'], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (busy / 'config.json').exists() or not [
+      n for n in _checkpoints(busy) if n.isdigit()]:
+    assert training.poll() is None and time.time() < deadline, training.communicate()[1][-2000:]
+    time.sleep(0.05)
+  runs = 0
+  while training.poll() is None:
+    result = run_cli('fmnist_jax.predict', f'--workdir={busy}', '--json', '--figures=false')
+    assert result.returncode == 0 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])['test_accuracy'] > 0.5
+    runs += 1
+  _, err = training.communicate()
+  assert training.returncode == 0, err[-2000:]
+  assert runs >= 1
+  assert not (busy / 'checkpoints_damaged').exists() and not (busy / 'figures').exists()
+  alone = tmp_path / 'alone'
+  result = run_cli('fmnist_jax.train', *args, f'--workdir={alone}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert _checkpoints(busy) == _checkpoints(alone)
+  config = load_test_config()
+  a, _ = restore_state(config, busy)
+  b, _ = restore_state(config, alone)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_predict_on_a_read_only_workdir(workdir, tmp_path):
+  import subprocess
+  ro = tmp_path / 'ro'
+  ro.mkdir()
+  if subprocess.run(['mount', '--bind', str(workdir), str(ro)], capture_output=True).returncode:
+    pytest.skip('needs root to make a read-only bind mount')
+  try:
+    subprocess.run(['mount', '-o', 'remount,bind,ro', str(ro)], check=True)
+    result = run_cli('fmnist_jax.predict', f'--workdir={ro}')
+    assert result.returncode == 0 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert 'Test accuracy:' in result.stdout
+    assert 'note: no figures written' in result.stderr and 'pass --figures_dir' in result.stderr
+    result = run_cli('fmnist_jax.predict', f'--workdir={ro}', f'--figures_dir={tmp_path / "f"}')
+    assert result.returncode == 0 and (tmp_path / 'f' / 'confusion_matrix.png').exists()
+  finally:
+    subprocess.run(['umount', str(ro)], check=False)
