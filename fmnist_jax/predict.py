@@ -33,7 +33,7 @@ _FIGURES_DIR = flags.DEFINE_string('figures_dir', None,
 _INDEX = flags.DEFINE_integer('index', 0, 'The test image to show on its own (the tutorial: 0).')
 _ROBUSTNESS = flags.DEFINE_bool('robustness', False,
                                 'Measure accuracy on test images turned into photos, per family.')
-_ROBUSTNESS_IMAGES = flags.DEFINE_integer('robustness_images', 500,
+_ROBUSTNESS_IMAGES = flags.DEFINE_integer('robustness_images', 300,
                                           'Test images per family for --robustness.', lower_bound=1)
 
 
@@ -162,7 +162,7 @@ def classify_files(workdir: str, paths: list[str], as_json: bool = False,
   return len(failures)
 
 
-def robustness_report(workdir: str, num_images: int = 500, figures_dir: str | None = '',
+def robustness_report(workdir: str, num_images: int = 300, figures_dir: str | None = '',
                       as_json: bool = False) -> dict:
   """Accuracy on test images turned into photos, per family, beside the untouched accuracy."""
   from fmnist_jax import robustness  # pylint: disable=g-import-not-at-top
