@@ -11,7 +11,8 @@ It also writes the predict function as a model file: trained (with --workdir) or
 initialised parameters baked in, uint8 images [b, 28, 28] with a symbolic batch b in, class
 probabilities [b, 10] out, for cpu and every requested platform. A serving process needs only JAX:
 
-    exported = jax.export.deserialize(bytearray(open('predict-cpu_tpu_cuda-1dev.jaxexport', 'rb').read()))
+    with open('predict-cpu_tpu_cuda-1dev.jaxexport', 'rb') as f:
+      exported = jax.export.deserialize(bytearray(f.read()))
     probs = exported.call(images)
 
 The N-device file is called under jit with its input sharded over N devices (the batch a multiple

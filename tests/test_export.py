@@ -1,4 +1,4 @@
-"""python -m fmnist_jax.export: every program lowers for TPU and GPU, and the predict export serves."""
+"""fmnist_jax.export: every program lowers for TPU and GPU, and the predict export serves."""
 
 import os
 import re

@@ -118,7 +118,8 @@ def test_notebook_runs_from_a_fresh_clone_twice(request, tmp_path):
 
   # Without the test override, a runtime without TPU or GPU stops before training.
   nb = _execute(NOTEBOOK, home, env, drop=['FMNIST_NOTEBOOK_SMOKE'])
-  assert _stopped(nb) == [['Stopped: this runtime has no TPU: Runtime → Change runtime type → TPU.']]
+  assert _stopped(nb) == [
+      ['Stopped: this runtime has no TPU: Runtime → Change runtime type → TPU.']]
   assert 'not retraining' not in _outputs(nb)[1]
 
 
