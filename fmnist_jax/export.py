@@ -104,7 +104,8 @@ def training_programs(config, mesh) -> dict:
                'mask': _spec((s, eb), jnp.float32, rows)}
   num_steps = config.chunk_steps or spe
   return {
-      # The one place that knows train_chunk's signature.
+      # The one place that knows train_chunk's signature: with a traced num_steps it becomes
+      # jax.jit(steps.train_chunk, donate_argnums=0), (state_spec, data_spec, scalar, scalar), {}.
       'train_chunk': (jax.jit(steps.train_chunk, static_argnames='num_steps', donate_argnums=0),
                       (state_spec, data_spec, scalar), {'num_steps': num_steps}, True),
       'shuffle': (jax.jit(steps.shuffle, static_argnames='batch_size',
@@ -164,9 +165,10 @@ def export_predict(config, graphdef, params, platforms, mesh):
   return export.export(fn, platforms=platforms)(_spec((batch, 28, 28), jnp.uint8, rows))
 
 
-def _shapes(exported, skip: int) -> str:
+def _shapes(exported, skip: int, label: str) -> str:
+  """The input shapes, the first `skip` (a pytree called `label`) as a count."""
   shapes = ' '.join(a.str_short() for a in exported.in_avals[skip:])
-  return f'state ({skip} arrays) {shapes}' if skip else shapes
+  return f'{label} ({skip} arrays) {shapes}' if skip else shapes
 
 
 def export_all(config, platforms, devices: int, out: str, workdir: str | None = None,
@@ -179,6 +181,10 @@ def export_all(config, platforms, devices: int, out: str, workdir: str | None = 
     raise UserError(f'unknown --platforms {",".join(unknown)}; choose from {",".join(PLATFORMS)}.')
   if devices < 1:
     raise UserError(f'--devices must be at least 1, not {devices}.')
+  if config.batch_size % devices or config.eval_batch_size % devices:
+    raise UserError(f'batch_size={config.batch_size} and eval_batch_size='
+                    f'{config.eval_batch_size} must divide over --devices={devices}; choose a '
+                    'divisor of both, or change them with --config.batch_size=... .')
   if workdir:
     from fmnist_jax import predict  # pylint: disable=g-import-not-at-top
     predict_config, graphdef, params = predict.load_trained(workdir)
@@ -189,13 +195,13 @@ def export_all(config, platforms, devices: int, out: str, workdir: str | None = 
   os.makedirs(out, exist_ok=True)
   paths = []
 
-  def write(name, platform, n, exported, skip=0):
+  def write(name, platform, n, exported, skip=0, label=''):
     data = exported.serialize()
     path = os.path.join(out, f'{name}-{platform}-{n}dev{SUFFIX}')
     with open(path, 'wb') as f:
       f.write(data)
     paths.append(path)
-    log(f'export: {name:11s} {platform:14s} {n} device(s)  in: {_shapes(exported, skip)}  '
+    log(f'export: {name:11s} {platform:14s} {n} device(s)  in: {_shapes(exported, skip, label)}  '
         f'{len(data):,} bytes  {path}')
 
   for n in sorted({1, devices}):
@@ -204,7 +210,8 @@ def export_all(config, platforms, devices: int, out: str, workdir: str | None = 
     for platform in platforms:
       for name, (fn, args, kwargs, donated) in programs.items():
         exported = export_flat(fn, args, kwargs, donated, (platform,))
-        write(name, platform, n, exported, skip=len(jax.tree.leaves(args[0])) if donated else 0)
+        label = {'train_chunk': 'state', 'evaluate': 'params'}.get(name, '')
+        write(name, platform, n, exported, len(jax.tree.leaves(args[0])) if label else 0, label)
     serve_platforms = tuple(dict.fromkeys(('cpu', *platforms)))
     write('predict', '_'.join(serve_platforms), n,
           export_predict(predict_config, graphdef, params, serve_platforms, mesh))
