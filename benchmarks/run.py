@@ -270,8 +270,19 @@ def round_ratios(tutorial, baseline=report.BASELINE):
   return ratios
 
 
+def device_info() -> dict:
+  """JAX's platform and devices, asked in a subprocess.
+
+  A TPU opens in one process at a time and a GPU backend takes most of the GPU's memory, so the
+  process that starts the peers must hold neither.
+  """
+  code = ('import jax, json; d = jax.devices(); print(json.dumps({"platform": '
+          'jax.default_backend(), "device_kind": d[0].device_kind, "device_count": len(d)}))')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def environment(args, argv):
-  import jax  # pylint: disable=g-import-not-at-top
   from importlib import metadata  # pylint: disable=g-import-not-at-top
   versions = {}
   for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow-datasets',
@@ -280,7 +291,6 @@ def environment(args, argv):
       versions[name] = metadata.version(name)
     except metadata.PackageNotFoundError:
       pass
-  device = jax.devices()[0]
   cpu = platform.processor() or platform.machine()
   try:
     with open('/proc/cpuinfo') as f:
@@ -294,10 +304,9 @@ def environment(args, argv):
   return {
       'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
       'command': ' '.join(['python -m benchmarks.run'] + list(argv)),
-      'platform': jax.default_backend(), 'device_kind': device.device_kind,
-      'device_count': jax.device_count(), 'cpu': cpu, 'cpu_cores': os.cpu_count(),
-      'memory_gib': memory_gib, 'python': platform.python_version(),
-      'versions': versions, 'quick': args.quick}
+      **device_info(), 'cpu': cpu, 'cpu_cores': os.cpu_count(),
+      'memory_gib': memory_gib, 'python': platform.python_version(), 'versions': versions,
+      'quick': args.quick}
 
 
 def prepare_data():

@@ -11,6 +11,8 @@ from flax import nnx
 
 
 IMAGE_PIXELS = 28 * 28
+# flax >= 0.12 needs nnx.List for a list of submodules; flax 0.11 (Colab's) has none and takes a list.
+_ModuleList = getattr(nnx, 'List', list)
 
 
 class MLP(nnx.Module):
@@ -19,7 +21,7 @@ class MLP(nnx.Module):
   def __init__(self, hidden_sizes, num_classes: int, *, rngs: nnx.Rngs):
     sizes = (IMAGE_PIXELS, *hidden_sizes)
     init = nnx.initializers.glorot_uniform()  # Keras's Dense default; Flax's is lecun_normal.
-    self.hidden = nnx.List([nnx.Linear(i, o, kernel_init=init, rngs=rngs)
+    self.hidden = _ModuleList([nnx.Linear(i, o, kernel_init=init, rngs=rngs)
                             for i, o in zip(sizes[:-1], sizes[1:])])
     self.out = nnx.Linear(sizes[-1], num_classes, kernel_init=init, rngs=rngs)
 
