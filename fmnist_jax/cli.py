@@ -68,20 +68,22 @@ def run(main: Callable[[list[str]], None], config_flags_to_load: Sequence[str] =
   and a prompt exit."""
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file operation at INFO.
   logging.get_absl_handler().addFilter(_QuietFrameworks())
-  with exit_on_user_error():
-    app.run(_exiting_promptly(main), argv=sys.argv,
-            flags_parser=lambda argv: parse_flags(argv, config_flags_to_load))
+  try:
+    with exit_on_user_error():
+      app.run(main, argv=sys.argv,
+              flags_parser=lambda argv: parse_flags(argv, config_flags_to_load))
+  except SystemExit as e:
+    exit_promptly(0 if e.code is None else e.code if isinstance(e.code, int) else 1)
+    raise
 
 
-def _exiting_promptly(main):
-  """Ends a single-process program as soon as `main` returns: the interpreter's teardown of JAX,
-  TensorFlow and orbax thread pools takes most of a second and has nothing left to do."""
-  def wrapped(argv):
-    main(argv)
-    jax = sys.modules.get('jax')
-    if jax is not None and jax.distributed.is_initialized():
-      return  # jax.distributed's own shutdown must run: it syncs with the other processes.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # pylint: disable=protected-access
-  return wrapped
+def exit_promptly(code: int) -> None:
+  """Ends a single-process program now: the interpreter's teardown of JAX, TensorFlow and orbax
+  thread pools takes most of a second, has nothing left to do, and after a failed save (a full
+  disk) prints tracebacks from orbax's threads under the one-line error."""
+  jax = sys.modules.get('jax')
+  if jax is not None and jax.distributed.is_initialized():
+    return  # jax.distributed's own shutdown must run: it syncs with the other processes.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access

@@ -29,6 +29,9 @@ from ml_collections import config_flags
 from fmnist_jax import cli
 from fmnist_jax.errors import UserError
 
+# JAX (and every module that imports it) is imported inside the functions below: the host device
+# count in XLA_FLAGS must be set before JAX loads.
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file, e.g. configs/base.py; override fields with '
     '--config.num_models=8 etc.', lock_config=True)
@@ -36,7 +39,7 @@ _PLATFORMS = flags.DEFINE_list('platforms', ['tpu', 'cuda'], 'Platforms to lower
                                'rocm, cpu.')
 _DEVICES = flags.DEFINE_integer('devices', 1, 'Also export sharded over this many devices (on a '
                                 'CPU-only machine they are simulated host devices).')
-_OUT = flags.DEFINE_string('out', 'exports', 'Output folder for the serialized exports.')
+_OUT = flags.DEFINE_string('out', 'workdirs/exports', 'Output folder for the serialized exports.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir whose trained parameters the '
                                'predict export bakes in; default: freshly initialised ones.')
 

@@ -6,6 +6,8 @@ produces one set of outputs.
 
 import sys
 
+import numpy as np
+
 from fmnist_jax import workdir as workdir_lib
 
 
@@ -101,7 +103,6 @@ def prediction_strip(images, probs, labels, scale: int = 3):
 
   A cheap stand-in for the matplotlib grid (which costs most of a second to draw) for TensorBoard.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
   tiles = []
   for image, p, label in zip(images, probs, labels):
     right = int(np.argmax(p)) == int(label)

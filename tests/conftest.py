@@ -70,7 +70,7 @@ def trained_workdir(tmp_path_factory, data_dir):
 
 def run_cli(*args, env=None, timeout=600, cwd=ROOT):
   """Runs `python -m <args>` and returns the CompletedProcess (text output)."""
-  full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **(env or {}))
+  full_env = dict(os.environ, **(env or {}))
   return subprocess.run([sys.executable, '-m', *args], capture_output=True, text=True,
                         timeout=timeout, cwd=cwd, env=full_env)
 

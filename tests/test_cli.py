@@ -7,7 +7,7 @@ import pytest
 from fmnist_jax import config_files
 from fmnist_jax import validate
 from fmnist_jax.errors import UserError
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 
 def _assert_one_line_error(result, pattern, code=2):
@@ -143,3 +143,41 @@ def test_bad_data_files_are_one_line(problem, message, source_dir, tmp_path):
                    f'--config.data.manual_dir={manual}', f'--workdir={tmp_path / "w"}')
   _assert_one_line_error(result, message)
   assert not (tmp_path / 'tfds' / 'fashion_mnist' / '3.0.1').exists()  # Nothing half-prepared.
+
+
+def test_default_workdir_follows_the_command():
+  from fmnist_jax import train
+  argv = ['train.py', '--config', 'configs/base.py', '--config.input_mode=tfds',
+          '--config.hidden_sizes=(256,128)', '--config.progress=False',
+          '--config.data.data_dir=/x', '--config.num_epochs', '3', '--config.num_epochs=4']
+  assert train.overrides(argv) == ['input_mode=tfds', 'hidden_sizes=(256,128)', 'num_epochs=4']
+  assert train.default_workdir('configs/base.py', argv, 1, 1) == (
+      'workdirs/base,input_mode=tfds,hidden_sizes=256_128,num_epochs=4')
+  assert train.default_workdir('configs/base.py', ['train.py'], 1, 1) == 'workdirs/base'
+  assert train.default_workdir('configs/test.py', ['train.py'], 8, 2) == (
+      'workdirs/test,8devices,2processes')
+
+
+def test_a_run_in_one_place_and_quiet(data_dir, tmp_path):
+  """Without --workdir: the derived folder; the rerun says first that it holds a finished run;
+  another device count is another folder; nothing but the run's own lines is printed, TensorFlow
+  imported (tfds mode) or not."""
+  args = ['fmnist_jax.train', '--config', f'{ROOT}/configs/test.py',
+          f'--config.data.data_dir={data_dir}', '--config.progress=True',
+          '--config.input_mode=tfds']
+  env = {'PYTHONPATH': ROOT}
+  two_devices = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  first = run_cli(*args, cwd=str(tmp_path), env=env)
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert first.stderr == ''  # No TensorFlow, absl or oneDNN start-up lines.
+  workdir = tmp_path / 'workdirs' / 'test,input_mode=tfds'
+  assert (workdir / 'summary.json').exists()
+  again = run_cli(*args, cwd=str(tmp_path), env=env)
+  assert again.returncode == 0 and again.stderr == ''
+  assert again.stdout.startswith(f'{workdir} holds a finished run of 938 steps on 1 cpu '
+                                 'device(s); not retraining')
+  two = run_cli(*args, cwd=str(tmp_path), env=two_devices)
+  assert two.returncode == 0, two.stderr[-2000:]
+  assert (tmp_path / 'workdirs' / 'test,input_mode=tfds,2devices' / 'summary.json').exists()
+  moved = run_cli(*args, f'--workdir={workdir}', cwd=str(tmp_path), env=two_devices)
+  _assert_one_line_error(moved, 'devices (checkpoint 1, now 2)')

@@ -429,3 +429,13 @@ def test_disk_full_while_preparing_data_is_one_line(data_dir, tmp_path, monkeypa
   assert not list(root.glob('fashion_mnist/*.tmp'))
   monkeypatch.undo()
   assert len(data.load(config.data)['train']['label']) == 60_000
+
+
+def test_fewer_epochs_than_a_finished_run_is_one_line(data_dir, reference, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  before = _tree_digest(workdir)
+  result = run_cli('fmnist_jax.train', *_args(data_dir, workdir), '--config.num_epochs=1')
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert 'holds a run of 1876 steps, more than the 938 of num_epochs=1' in result.stderr
+  assert _tree_digest(workdir) == before
