@@ -40,6 +40,7 @@ DATASET = 'fashion_mnist'
 MANUAL_DIR_ENV = 'FMNIST_JAX_MANUAL_DIR'
 DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
 SPLITS = ('train', 'test')
+TFDS_VERSION = '3.0.1'  # tfds's fashion_mnist version; its files are those of this version.
 
 HOW_TO_GET = (
     'install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or point '
@@ -110,9 +111,13 @@ def load(data_config, verbose: bool = False) -> Arrays:
 
 def _from_tfds(root: str, data_config, verbose: bool) -> tuple[Arrays, str]:
   """The arrays of the prepared tfds dataset (prepared first if needed), and its version."""
+  local = None
+  source = manual_dir(data_config)
+  if source is not None and _tfds_counts(root, TFDS_VERSION) is None:
+    local = read_idx(source)  # Bad files fail here, in a second, before TensorFlow loads.
   builder = _builder(root)
   if not builder.is_prepared():
-    builder = _prepare(root, data_config, verbose)
+    builder = _prepare(root, data_config, verbose, local)
   arrays = _read_tfds(builder)
   for split in SPLITS:
     if len(arrays[split]['label']) != idx.FILES[split][2]:
@@ -208,17 +213,18 @@ def import_tensorflow():
   return tf
 
 
-def _builder(root: str, source: str | None = None):
-  """tfds's fashion_mnist builder; with `source`, one that reads the IDX files in that folder."""
+def _builder(root: str, local: Arrays | None = None):
+  """tfds's fashion_mnist builder; with `local` arrays (read from IDX files), one that prepares
+  the dataset from them."""
   workdir_lib.check_writable(os.path.join(root, DATASET), 'data dir',
                              'choose another with --config.data.data_dir or $TFDS_DATA_DIR',
                              DataError)
   import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
-  if source is None:
+  if local is None:
     return tfds.builder(DATASET, data_dir=root)
-  return _local_builder_class()(source=source, data_dir=root)
+  return _local_builder_class()(splits=local, data_dir=root)
 
 
 def _local_builder_class():
@@ -234,8 +240,8 @@ def _local_builder_class():
   class LocalFashionMNIST(tfds.image_classification.FashionMNIST, skip_registration=True):
     name = DATASET
 
-    def __init__(self, *, source: str, **kwargs):
-      self._source = source
+    def __init__(self, *, splits: Arrays, **kwargs):
+      self._splits = splits
       super().__init__(**kwargs)
 
     def _split_generators(self, dl_manager):
@@ -244,14 +250,19 @@ def _local_builder_class():
               for split in SPLITS]
 
     def _generate_examples(self, split):
-      images, labels = idx.load_split(self._source, split)  # Validates the files' content.
+      images, labels = self._splits[split]['image'], self._splits[split]['label']
       for i, (image, label) in enumerate(zip(images, labels)):
         yield i, {'image': image[..., None], 'label': int(label)}
 
   return LocalFashionMNIST
 
 
-def _prepare(root: str, data_config, verbose: bool):
+def read_idx(source: str) -> Arrays:
+  """Both splits from the IDX files in `source`, validated (fmnist_jax.idx)."""
+  return {split: dict(zip(('image', 'label'), idx.load_split(source, split))) for split in SPLITS}
+
+
+def _prepare(root: str, data_config, verbose: bool, local: Arrays | None = None):
   """Prepares the tfds dataset from local IDX files, else by tfds's download; returns the builder."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   source = manual_dir(data_config)
@@ -275,7 +286,7 @@ def _prepare(root: str, data_config, verbose: bool):
       raise DataError(f'Fashion-MNIST not found locally and tfds could not download it '
                       f'({type(e).__name__}: {cause}); {HOW_TO_GET}.') from None
     return builder
-  builder = _builder(root, source)
+  builder = _builder(root, local or read_idx(source))
   if verbose:
     print(f'Preparing tfds {DATASET} {builder.version} from {source}.', flush=True)
   with _quiet_stdout():  # tfds prints "Downloading and preparing ... Unknown size" banners.

@@ -1,5 +1,6 @@
 """Shared fixtures: real Fashion-MNIST prepared once per session into a temporary tfds data dir."""
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -31,13 +32,21 @@ def source_dir():
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory, source_dir):
-  """A tfds data dir holding the prepared dataset (prepared from the IDX files in this session)."""
-  path = str(tmp_path_factory.mktemp('tfds'))
-  config = load_test_config()
-  config.data.data_dir = path
-  config.data.manual_dir = source_dir
-  data.load(config.data)
-  return path
+  """A tfds data dir holding the prepared dataset, prepared from the IDX files once per test run
+  (pytest-xdist's workers share it: the first prepares it, the others wait for it)."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # The run's folder, above each worker's own.
+  path = root / 'tfds_shared'
+  with open(root / 'tfds_shared.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / 'tfds_shared.ready').exists():
+      config = load_test_config()
+      config.data.data_dir = str(path)
+      config.data.manual_dir = source_dir
+      data.load(config.data)
+      (root / 'tfds_shared.ready').touch()
+  return str(path)
 
 
 @pytest.fixture(scope='session')
