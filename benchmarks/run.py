@@ -49,7 +49,7 @@ KERAS_SCRIPT = 'keras-tutorial-script'  # The whole command of keras-tf-tutorial
 FULL = {'peers': ','.join(peers_lib.PEERS), 'batch_sizes': '512,8192', 'rounds': 3, 'epochs': 5,
         'throughput_epochs': 2, 'num_models': '1,8,32'}
 QUICK = {'peers': 'fmnist_jax-device,torch-eager', 'batch_sizes': '8192', 'rounds': 2,
-         'epochs': 1, 'throughput_epochs': 1, 'num_models': '1,4'}
+         'epochs': 1, 'throughput_epochs': 1, 'num_models': '1,2'}
 FRAMEWORK_MODULES = {'jax': ('jax',), 'keras+tensorflow': ('keras', 'tensorflow'),
                      'keras+jax': ('keras', 'jax'), 'torch': ('torch',)}
 RATIO_METRICS = ('train_seconds', 'train_plus_compile_seconds', 'whole_seconds')

@@ -102,9 +102,12 @@ class CompileCache:
       directory = os.path.join(base, 'fmnist_jax', 'jax')
     self.directory = os.path.expanduser(directory) if directory else ''
     self.hits = self.requests = 0
+    self._listening = False
 
   def _listen(self, event: str, **kwargs) -> None:
     del kwargs
+    if not self._listening:
+      return
     if event == '/jax/compilation_cache/cache_hits':
       self.hits += 1
     elif event == '/jax/compilation_cache/compile_requests_use_cache':
@@ -121,11 +124,15 @@ class CompileCache:
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
       jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
       jax.monitoring.register_event_listener(self._listen)
+      self._listening = True
     return self
 
   def __exit__(self, *exc):
-    if self.directory:
-      jax.monitoring.unregister_event_listener(self._listen)
+    self._listening = False
+    # jax < 0.8 has no unregister_event_listener: there the listener stays, silenced by the flag.
+    unregister = getattr(jax.monitoring, 'unregister_event_listener', None)
+    if self.directory and unregister:
+      unregister(self._listen)
 
   @property
   def hit(self) -> bool | None:
