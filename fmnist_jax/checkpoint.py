@@ -90,8 +90,19 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
           cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'record'))
+    self._manager = self._open(options)
+
+  def _open(self, options):
+    """The orbax manager. Read-only, it may list a step that the training writing beside it then
+    deletes (max_to_keep) before its metadata is read: list again."""
+    for attempt in range(5):
+      try:
+        return ocp.CheckpointManager(self.directory, options=options,
+                                     item_names=('state', 'record'))
+      except FileNotFoundError:
+        if not self.read_only or attempt == 4:
+          raise
+        time.sleep(0.1 * (attempt + 1))
 
   def save(self, state, record: dict) -> None:
     flat = _flatten(state)
@@ -185,7 +196,10 @@ class Checkpointer:
         return state, record
       if not self.read_only or not steps:
         break
-      self._manager.reload()  # A training may have saved newer ones meanwhile.
+      try:
+        self._manager.reload()  # A training may have saved newer ones meanwhile.
+      except FileNotFoundError:
+        pass  # A step it listed vanished meanwhile; the next attempt lists again.
       time.sleep(0.1 * (attempt + 1))
     if not damaged:
       return None
