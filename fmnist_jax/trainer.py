@@ -287,13 +287,11 @@ def _train(run: Run, state, history: list[dict], arrays, timing: dict) -> dict:
   else:
     run_epoch = stream_epoch_runner(run, state)
   train_seconds = eval_seconds = 0.0
-  first_step_at = None
   steps_run = plan.total_steps - int(state.step)
+  first_step_at = time.time() - run.compiler.seconds  # Start-up without compilation.
   with run.signals.installed():
     while int(state.step) < plan.total_steps:
       epoch = plan.epoch_of(int(state.step))
-      if first_step_at is None:
-        first_step_at = time.time() - run.compiler.seconds
       state, seconds, stop = run_epoch(state, history, epoch)
       train_seconds += seconds
       start = time.perf_counter()
@@ -305,8 +303,6 @@ def _train(run: Run, state, history: list[dict], arrays, timing: dict) -> dict:
       run.out.epoch(entry, plan.steps_per_epoch)
       if stop and int(state.step) < plan.total_steps:
         raise interrupted(run, state)  # The epoch-end checkpoint is already saved.
-  if first_step_at is None:
-    first_step_at = time.time() - run.compiler.seconds
   if config.tensorboard:
     images, labels = arrays['test']['image'][:15], arrays['test']['label'][:15]
     probs = inference.predict_probs(config, run.graphdef, host_params(state), images)
