@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from typing import Any
 
 import jax
@@ -67,6 +68,36 @@ def checksum(flat: dict[str, Any], record: dict) -> str:
   return h.hexdigest()
 
 
+def _is_late_tensorstore_callback(unraisable) -> bool:
+  """True for the error of a TensorStore write that completes after orbax gave up on a save.
+
+  When one write of a save fails (a full disk), orbax's event loop stops and closes while the
+  save's other writes are still in flight; as each completes, TensorStore hands its result to the
+  closed loop (`call_soon_threadsafe`), which raises into TensorStore's thread, where it is
+  reported as unraisable. The save has already failed and been reported: the write is harmless.
+  """
+  if unraisable.object is not None or not isinstance(unraisable.exc_value, RuntimeError):
+    return False
+  if str(unraisable.exc_value) != 'Event loop is closed':
+    return False
+  frames = [frame.name for frame in traceback.extract_tb(unraisable.exc_traceback)]
+  return 'call_soon_threadsafe' in frames
+
+
+def _quiet_late_tensorstore_callbacks() -> None:
+  """Drops exactly those reports (many tracebacks after the one-line disk-full error); any other
+  unraisable error still goes to the previous hook. Installed once, chained, idempotent."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'fmnist_jax_filter', False):
+    return
+
+  def hook(unraisable):
+    if not _is_late_tensorstore_callback(unraisable):
+      previous(unraisable)
+  hook.fmnist_jax_filter = True
+  sys.unraisablehook = hook
+
+
 class NoUsableCheckpoint(UserError):
   """Checkpoints exist but none can be restored: never silently start over on top of them."""
 
@@ -90,6 +121,7 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
           cleanup_tmp_directories=True)
+      _quiet_late_tensorstore_callbacks()
     self._manager = self._open(options)
 
   def _open(self, options):
@@ -112,7 +144,11 @@ class Checkpointer:
           state=ocp.args.StandardSave(flat), record=ocp.args.JsonSave(record)), force=True)
       self._manager.wait_until_finished()
     except BaseException:
-      self._remove_partial()  # A full disk must not leave half a checkpoint behind.
+      # A full disk must not leave half a checkpoint behind. Writes still in flight may recreate
+      # files in the folder just removed (TensorStore creates parent folders): look again.
+      self._remove_partial()
+      time.sleep(0.2)
+      self._remove_partial()
       raise
 
   def _remove_partial(self) -> None:
