@@ -50,7 +50,22 @@ def model_learning_rates(config) -> tuple[float, ...]:
 
 
 def init_state(config) -> tuple[Any, TrainState]:
-  """Builds (graphdef, state): model k is initialised with seed `config.seed + k`."""
+  """Builds (graphdef, state): model k is initialised with seed `config.seed + k`.
+
+  Jitted: one compiled program (from the persistent cache on a rerun) instead of dozens of
+  eager operations, each dispatched and compiled on its own (a third of a second on a CPU).
+  """
+  graphdef = []  # The static graph definition, recorded while tracing.
+
+  def build():
+    graph, state = _init_state(config)
+    graphdef.append(graph)
+    return state
+  state = jax.jit(build)()
+  return graphdef[-1], state
+
+
+def _init_state(config) -> tuple[Any, TrainState]:
   tx = make_optimizer(config)
   graphdef, params = model_lib.create(config, config.seed)
   if config.num_models > 1:

@@ -23,18 +23,19 @@ EVERY = 50  # Checkpoint interval of these tests: many mid-epoch checkpoints.
 TIMED = {'seconds', 'steps_per_second'}
 
 
-def _config(data_dir):
+def _config(data_dir, input_mode='device'):
   config = load_test_config()
   config.data.data_dir = data_dir
   config.num_epochs = 2
   config.checkpoint_every_steps = EVERY
+  config.input_mode = input_mode
   return config
 
 
-def _args(data_dir, workdir):
+def _args(data_dir, workdir, input_mode='device'):
   return ['--config', 'configs/test.py', f'--config.data.data_dir={data_dir}',
           '--config.num_epochs=2', f'--config.checkpoint_every_steps={EVERY}',
-          f'--workdir={workdir}']
+          f'--config.input_mode={input_mode}', f'--workdir={workdir}']
 
 
 def _untimed(workdir):
@@ -63,9 +64,10 @@ def reference(tmp_path_factory, data_dir):
   return workdir
 
 
-def _start(data_dir, workdir):
+def _start(data_dir, workdir, input_mode='device'):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-  return subprocess.Popen([sys.executable, '-m', 'fmnist_jax.train', *_args(data_dir, workdir)],
+  return subprocess.Popen([sys.executable, '-m', 'fmnist_jax.train',
+                           *_args(data_dir, workdir, input_mode)],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
 
@@ -83,19 +85,35 @@ def _wait_for_checkpoint(proc, workdir, at_least):
   raise AssertionError('no checkpoint appeared')
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(data_dir, reference, tmp_path):
-  proc = _start(data_dir, tmp_path)
+@pytest.fixture(scope='module')
+def stream_reference(tmp_path_factory, data_dir):
+  """An uninterrupted run fed from the host in chunks (input_mode=stream)."""
+  workdir = tmp_path_factory.mktemp('stream_reference')
+  trainer.train_and_evaluate(_config(data_dir, 'stream'), str(workdir))
+  return workdir
+
+
+@pytest.mark.parametrize('input_mode', ['device', 'stream'])
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(input_mode, data_dir, request,
+                                                            tmp_path):
+  """Killed mid-epoch (in stream mode: mid host stream, chunks of 50 batches in flight), the
+  resumed run ends bitwise identical to an uninterrupted one in the same mode."""
+  reference = request.getfixturevalue('reference' if input_mode == 'device'
+                                      else 'stream_reference')
+  proc = _start(data_dir, tmp_path, input_mode)
   seen = _wait_for_checkpoint(proc, tmp_path, 3 * EVERY)
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
   assert proc.returncode == -signal.SIGKILL
   assert not (tmp_path / 'summary.json').exists()  # Killed before the end.
-  state, _ = restore_state(_config(data_dir), tmp_path)
+  config = _config(data_dir, input_mode)
+  state, _ = restore_state(config, tmp_path)
   assert seen <= int(state.step) < 2 * 938
-  result = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path), '--config.progress=True')
+  result = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path, input_mode),
+                   '--config.progress=True')
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'Resuming from the checkpoint at step' in result.stdout
-  _assert_bitwise_same_run(_config(data_dir), tmp_path, reference)
+  _assert_bitwise_same_run(config, tmp_path, reference)
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
