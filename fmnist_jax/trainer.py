@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmnist_jax import checkpoint as checkpoint_lib
+from fmnist_jax import compilation
 from fmnist_jax import data as data_lib
 from fmnist_jax import distributed
 from fmnist_jax import inference
@@ -32,6 +33,7 @@ from fmnist_jax import model as model_lib
 from fmnist_jax import outputs as outputs_lib
 from fmnist_jax import steps as steps_lib
 from fmnist_jax import workdir as workdir_lib
+from fmnist_jax.compilation import CompileCache, Compiler
 from fmnist_jax.errors import DivergenceError, Interrupted, UserError
 from fmnist_jax.plan import RunPlan
 from fmnist_jax.validate import validate_config
@@ -89,72 +91,6 @@ def process_start_time() -> float:
 
 
 _IMPORTED_AT = time.time()
-
-
-class CompileCache:
-  """JAX's persistent compilation cache in `directory` ('auto': the per-user cache folder; '':
-  off), and whether this run's programs came from it. JAX writes entries atomically, so runs may
-  share the folder."""
-
-  def __init__(self, directory: str):
-    if directory == 'auto':
-      base = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
-      directory = os.path.join(base, 'fmnist_jax', 'jax')
-    self.directory = os.path.expanduser(directory) if directory else ''
-    self.hits = self.requests = 0
-    self._listening = False
-
-  def _listen(self, event: str, **kwargs) -> None:
-    del kwargs
-    if not self._listening:
-      return
-    if event == '/jax/compilation_cache/cache_hits':
-      self.hits += 1
-    elif event == '/jax/compilation_cache/compile_requests_use_cache':
-      self.requests += 1
-
-  def __enter__(self):
-    if self.directory:
-      try:
-        os.makedirs(self.directory, exist_ok=True)
-      except OSError:
-        self.directory = ''  # An unusable cache folder only costs compile time.
-    if self.directory:
-      jax.config.update('jax_compilation_cache_dir', self.directory)
-      jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-      jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-      jax.monitoring.register_event_listener(self._listen)
-      self._listening = True
-    return self
-
-  def __exit__(self, *exc):
-    self._listening = False
-    # jax < 0.8 has no unregister_event_listener: there the listener stays, silenced by the flag.
-    unregister = getattr(jax.monitoring, 'unregister_event_listener', None)
-    if self.directory and unregister:
-      unregister(self._listen)
-
-  @property
-  def hit(self) -> bool | None:
-    """True when every program came from the cache; None with the cache off."""
-    if not self.directory:
-      return None
-    return self.requests > 0 and self.hits == self.requests
-
-
-class Compiler:
-  """Ahead-of-time compilation with the seconds it takes, kept apart from training time."""
-
-  def __init__(self):
-    self.seconds = 0.0
-    self._cache = {}
-
-  def get(self, key, jitted, *args, **kwargs):
-    if key not in self._cache:
-      start = time.perf_counter()
-      self._cache[key] = jitted.lower(*args, **kwargs).compile()
-      self.seconds += time.perf_counter() - start
-    return self._cache[key]
 
 
 # Stops -------------------------------------------------------------------------------------------
@@ -233,7 +169,7 @@ def _run(config, workdir: str, cache: CompileCache) -> dict:
   ckpt = checkpoint_lib.Checkpointer(workdir, config.max_checkpoints_to_keep, fresh=config.fresh)
   run = Run(config=config, workdir=workdir, plan=plan, mesh=mesh, graphdef=graphdef,
             steps=steps_lib.make_steps(config, graphdef), ckpt=ckpt,
-            out=outputs_lib.Outputs(workdir, config, main), compiler=Compiler(),
+            out=outputs_lib.Outputs(workdir, config, main), compiler=Compiler(cache, compilation.identity(config, mesh)),
             signals=StopSignals())
   try:
     ckpt.check_compatible(config)
@@ -311,7 +247,7 @@ def _train(run: Run, state, history: list[dict], arrays, timing: dict) -> dict:
       'train_seconds': train_seconds, 'eval_seconds': eval_seconds,
       'compile_seconds': run.compiler.seconds, 'data_seconds': timing['data_seconds'],
       'startup_seconds': first_step_at - timing['started'],
-      'compile_cache_hit': timing['cache'].hit})
+      'compile_cache_hit': timing['cache'].hit(run.compiler)})
   summary['total_seconds'] = time.time() - timing['started']
   run.out.finish(summary)
   return summary

@@ -1,0 +1,129 @@
+"""The program store beside JAX's persistent cache: reruns skip tracing, nothing stale is loaded."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmnist_jax import compilation, trainer
+from tests.conftest import load_test_config, restore_state
+
+
+def _compiler(folder, config=None):
+  cache = compilation.CompileCache(str(folder))
+  config = config or load_test_config()
+  return cache, compilation.Compiler(cache, compilation.identity(config, 'mesh'))
+
+
+def _scale(x, factor):
+  return jnp.sin(x) * factor
+
+
+def _program(compiler, fn=_scale, shape=(8,)):
+  jitted = jax.jit(fn, static_argnames='factor')
+  return compiler.get('scale', jitted, jnp.ones(shape), factor=3.0)
+
+
+def test_rerun_loads_the_program_and_gives_the_same_result(tmp_path):
+  cache, first = _compiler(tmp_path)
+  with cache:
+    expected = np.asarray(_program(first)(jnp.arange(8.0)))
+  assert (first.compiled, first.loaded) == (1, 0)
+  assert len(os.listdir(tmp_path / 'programs')) == 1
+  cache, second = _compiler(tmp_path)  # A new run: a new Compiler, the same folder.
+  with cache:
+    got = np.asarray(_program(second)(jnp.arange(8.0)))
+  assert (second.compiled, second.loaded) == (0, 1)
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_anything_that_changes_the_program_changes_the_key(tmp_path):
+  cache, compiler = _compiler(tmp_path)
+  with cache:
+    _program(compiler)
+  config = load_test_config()
+  config.learning_rate = 0.002  # A field that reaches the programs.
+  for make, shape in ((lambda: _compiler(tmp_path, config), (8,)),  # Config.
+                      (lambda: _compiler(tmp_path), (9,))):  # Argument shape.
+    cache, other = make()
+    with cache:
+      _program(other, shape=shape)
+    assert (other.compiled, other.loaded) == (1, 0)
+  config = load_test_config()
+  config.num_epochs = 7  # Host-only fields share the programs.
+  cache, same = _compiler(tmp_path, config)
+  with cache:
+    _program(same)
+  assert (same.compiled, same.loaded) == (0, 1)
+
+
+def test_a_function_replaced_at_run_time_is_never_served_stale(tmp_path, monkeypatch):
+  cache, compiler = _compiler(tmp_path)
+  with cache:
+    _program(compiler)
+  monkeypatch.setattr(trainer, 'check_finite', lambda *args: None)  # Any function of the package.
+  cache, patched = _compiler(tmp_path)
+  with cache:
+    _program(patched)
+  assert (patched.compiled, patched.loaded) == (1, 0)
+
+
+def test_a_damaged_entry_is_recompiled_and_replaced(tmp_path):
+  cache, compiler = _compiler(tmp_path)
+  with cache:
+    expected = np.asarray(_program(compiler)(jnp.arange(8.0)))
+  (entry,) = (tmp_path / 'programs').iterdir()
+  data = bytearray(entry.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  entry.write_bytes(bytes(data))
+  cache, again = _compiler(tmp_path)
+  with cache:
+    got = np.asarray(_program(again)(jnp.arange(8.0)))
+  assert (again.compiled, again.loaded) == (1, 0)
+  np.testing.assert_array_equal(got, expected)
+  cache, third = _compiler(tmp_path)
+  with cache:
+    _program(third)
+  assert third.loaded == 1  # Written again, whole.
+
+
+def test_a_folder_others_may_write_is_never_loaded_from(tmp_path):
+  (tmp_path / 'programs').mkdir(mode=0o777)
+  os.chmod(tmp_path / 'programs', 0o777)
+  assert compilation.CompileCache(str(tmp_path)).programs == ''
+  assert compilation.CompileCache('').programs == ''
+
+
+@pytest.fixture
+def own_jax_cache():
+  """JAX opens its persistent cache once per process, in the folder set first; a test that needs
+  its own empty folder makes JAX open it again (and again after, for the tests that follow)."""
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  compilation_cache.reset_cache()
+  yield
+  compilation_cache.reset_cache()
+
+
+@pytest.mark.parametrize('mode', ['device', 'stream'])
+def test_training_rerun_loads_every_program_bitwise_the_same(mode, data_dir, tmp_path,
+                                                             monkeypatch, own_jax_cache):
+  compilers = []
+  monkeypatch.setattr(trainer, 'Compiler', lambda *a: compilers.append(
+      compilation.Compiler(*a)) or compilers[-1])
+  config = load_test_config()
+  config.data.data_dir = data_dir
+  config.input_mode = mode
+  config.compile_cache_dir = str(tmp_path / 'cache')
+  first = trainer.train_and_evaluate(config, str(tmp_path / 'first'))
+  config.checkpoint_every_steps = 300  # Host-only: the same programs.
+  second = trainer.train_and_evaluate(config, str(tmp_path / 'second'))
+  assert compilers[0].compiled > 0
+  assert (compilers[1].compiled, compilers[1].loaded) == (0, compilers[0].compiled)
+  assert first['compile_cache_hit'] is False and second['compile_cache_hit'] is True
+  assert second['test_loss'] == first['test_loss']
+  a, _ = restore_state(config, tmp_path / 'first')
+  b, _ = restore_state(config, tmp_path / 'second')
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
