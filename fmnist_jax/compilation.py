@@ -82,6 +82,11 @@ class CompileCache:
       except OSError:
         self.directory = ''  # An unusable cache folder only costs compile time.
     if self.directory:
+      if getattr(jax.config, 'jax_compilation_cache_dir', None) != self.directory:
+        # JAX opens its cache once, in the folder set then: a later run in the same process
+        # (a notebook, a test) with another folder makes it open that one.
+        from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+        compilation_cache.reset_cache()
       jax.config.update('jax_compilation_cache_dir', self.directory)
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
       jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
@@ -100,8 +105,8 @@ class CompileCache:
     """True when every program came from a cache (our store or JAX's); None with the cache off."""
     if not self.directory:
       return None
-    loaded = compiler.loaded if compiler else 0
-    return self.requests + loaded > 0 and self.hits == self.requests
+    loaded, fresh = (compiler.loaded, compiler.fresh) if compiler else (0, 0)
+    return self.requests + loaded > 0 and self.hits == self.requests and not fresh
 
 
 # The modules whose code reaches a compiled program (the step functions, the model, the loss,
@@ -178,8 +183,7 @@ class Compiler:
 
   def __init__(self, cache: CompileCache | None = None, run_identity: str = ''):
     self.seconds = 0.0
-    self.loaded = self.compiled = 0
-    self._jax_cache = cache
+    self.loaded = self.compiled = self.fresh = 0  # From the store; compiled; of those, fresh.
     use = cache is not None and run_identity and jax.process_count() == 1
     self._store = cache.programs if use else ''
     self._identity = run_identity
@@ -205,14 +209,28 @@ class Compiler:
     if program is not None:
       self.loaded += 1
       return program
-    hits_before = self._jax_cache.hits if self._jax_cache else 0
-    program = jitted.lower(*args, **kwargs).compile()
     self.compiled += 1
-    # A program JAX loaded from its own cache cannot be serialized again faithfully (on a CPU it
-    # loses its kernels: "Function ... not found" when run): store only fresh compilations.
-    if path and self._jax_cache.hits == hits_before:
-      _save(path, program)
+    if not path:
+      return jitted.lower(*args, **kwargs).compile()
+    program = _compile_fresh(jitted, args, kwargs)
+    self.fresh += 1
+    _save(path, program)
     return program
+
+
+def _compile_fresh(jitted, args, kwargs):
+  """Compiled by XLA now, not loaded from JAX's cache: a program JAX loaded from its cache is not
+  serialized again faithfully (on a CPU it loses its kernels: "Function ... not found" when
+  run). The store holds it from now on, so JAX's cache is not needed for it."""
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  enabled = getattr(jax.config, 'jax_enable_compilation_cache', True)
+  compilation_cache.reset_cache()  # JAX checks the setting once, when it opens its cache.
+  jax.config.update('jax_enable_compilation_cache', False)
+  try:
+    return jitted.lower(*args, **kwargs).compile()
+  finally:
+    jax.config.update('jax_enable_compilation_cache', enabled)
+    compilation_cache.reset_cache()  # Opened again, as configured, at the next compilation.
 
 
 def _load(path: str):

@@ -96,19 +96,10 @@ def test_a_folder_others_may_write_is_never_loaded_from(tmp_path):
   assert compilation.CompileCache('').programs == ''
 
 
-@pytest.fixture
-def own_jax_cache():
-  """JAX opens its persistent cache once per process, in the folder set first; a test that needs
-  its own empty folder makes JAX open it again (and again after, for the tests that follow)."""
-  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-  compilation_cache.reset_cache()
-  yield
-  compilation_cache.reset_cache()
-
-
 @pytest.mark.parametrize('mode', ['device', 'stream'])
 def test_training_rerun_loads_every_program_bitwise_the_same(mode, data_dir, tmp_path,
-                                                             monkeypatch, own_jax_cache):
+                                                             monkeypatch):
+  """Also when JAX's own cache already holds the programs (earlier tests compiled them)."""
   compilers = []
   monkeypatch.setattr(trainer, 'Compiler', lambda *a: compilers.append(
       compilation.Compiler(*a)) or compilers[-1])
