@@ -6,10 +6,15 @@ state's bytes and of the record itself, checked on every restore: a checkpoint d
 flipped bit, a truncated file) is reported, moved to checkpoints_damaged/, and the previous one is
 used. A read-only Checkpointer (predict, explore) never creates, deletes or moves anything.
 
+Saves are asynchronous: save() copies the arrays to the host and returns; orbax writes them in a
+background thread while the training goes on. Listing, the next save, wait() and close() wait for
+the write, so an error (a full disk) is raised there, and nothing is reported as saved before it is.
+
 The state is stored as a flat {path: array} dict, so restoring needs only the freshly initialised
 state as a template, whatever pytree classes (NNX State, optax tuples) it contains.
 """
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -119,7 +124,7 @@ class Checkpointer:
                                              cleanup_tmp_directories=False)
     else:
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
+          max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
           cleanup_tmp_directories=True)
       _quiet_late_tensorstore_callbacks()
     self._manager = self._open(options)
@@ -137,12 +142,24 @@ class Checkpointer:
         time.sleep(0.1 * (attempt + 1))
 
   def save(self, state, record: dict) -> None:
+    """Starts saving: the arrays are copied to the host now, written in the background (the
+    training goes on meanwhile); the next save, wait() and close() wait for it."""
     flat = _flatten(state)
     record = dict(record, checksum=checksum(flat, record))
-    try:
+    with self._cleaned_up_on_failure():
       self._manager.save(int(record['step']), args=ocp.args.Composite(
           state=ocp.args.StandardSave(flat), record=ocp.args.JsonSave(record)), force=True)
-      self._manager.wait_until_finished()
+
+  def wait(self) -> None:
+    """Returns when the last save is complete on disk (raises its error, if it failed)."""
+    if not self.read_only:
+      with self._cleaned_up_on_failure():
+        self._manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _cleaned_up_on_failure(self):
+    try:
+      yield
     except BaseException:
       # A full disk must not leave half a checkpoint behind. Writes still in flight may recreate
       # files in the folder just removed (TensorStore creates parent folders): look again.
@@ -159,6 +176,7 @@ class Checkpointer:
 
   def steps(self) -> list[int]:
     """Complete checkpoints, newest first."""
+    self.wait()
     return sorted(self._manager.all_steps(), reverse=True)
 
   def latest_step(self) -> int | None:
@@ -265,4 +283,7 @@ class Checkpointer:
     return aside
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()

@@ -248,6 +248,7 @@ def _train(run: Run, state, history: list[dict], arrays, timing: dict) -> dict:
       'compile_seconds': run.compiler.seconds, 'data_seconds': timing['data_seconds'],
       'startup_seconds': first_step_at - timing['started'],
       'compile_cache_hit': timing['cache'].hit(run.compiler)})
+  run.ckpt.wait()  # The summary says the run is finished only once its checkpoint is on disk.
   summary['total_seconds'] = time.time() - timing['started']
   run.out.finish(summary)
   return summary
