@@ -213,24 +213,31 @@ class Compiler:
     if not path:
       return jitted.lower(*args, **kwargs).compile()
     program = _compile_fresh(jitted, args, kwargs)
+    if program is None:  # This JAX cannot bypass its cache: compile as usual, do not store.
+      return jitted.lower(*args, **kwargs).compile()
     self.fresh += 1
     _save(path, program)
     return program
 
 
 def _compile_fresh(jitted, args, kwargs):
-  """Compiled by XLA now, not loaded from JAX's cache: a program JAX loaded from its cache is not
-  serialized again faithfully (on a CPU it loses its kernels: "Function ... not found" when
-  run). The store holds it from now on, so JAX's cache is not needed for it."""
-  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  """Compiled by XLA now, not loaded from JAX's cache (None where JAX offers no way to do so): a
+  program JAX loaded from its cache is not serialized again faithfully (on a CPU it loses its
+  kernels: "Function ... not found" when run). The store holds it from now on, so JAX's cache is
+  not needed for it."""
+  try:
+    from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+    reset = compilation_cache.reset_cache
+  except (ImportError, AttributeError):
+    return None
   enabled = getattr(jax.config, 'jax_enable_compilation_cache', True)
-  compilation_cache.reset_cache()  # JAX checks the setting once, when it opens its cache.
+  reset()  # JAX checks the setting once, when it opens its cache.
   jax.config.update('jax_enable_compilation_cache', False)
   try:
     return jitted.lower(*args, **kwargs).compile()
   finally:
     jax.config.update('jax_enable_compilation_cache', enabled)
-    compilation_cache.reset_cache()  # Opened again, as configured, at the next compilation.
+    reset()  # Opened again, as configured, at the next compilation.
 
 
 def _load(path: str):
