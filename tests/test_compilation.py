@@ -96,16 +96,13 @@ def test_a_folder_others_may_write_is_never_loaded_from(tmp_path):
   assert compilation.CompileCache('').programs == ''
 
 
-@pytest.mark.parametrize('mode', ['device', 'stream'])
-def test_training_rerun_loads_every_program_bitwise_the_same(mode, data_dir, tmp_path,
-                                                             monkeypatch):
+def test_training_rerun_loads_every_program_bitwise_the_same(data_dir, tmp_path, monkeypatch):
   """Also when JAX's own cache already holds the programs (earlier tests compiled them)."""
   compilers = []
   monkeypatch.setattr(trainer, 'Compiler', lambda *a: compilers.append(
       compilation.Compiler(*a)) or compilers[-1])
   config = load_test_config()
   config.data.data_dir = data_dir
-  config.input_mode = mode
   config.compile_cache_dir = str(tmp_path / 'cache')
   first = trainer.train_and_evaluate(config, str(tmp_path / 'first'))
   config.checkpoint_every_steps = 300  # Host-only: the same programs.
