@@ -34,6 +34,7 @@ from fmnist_jax import workdir as workdir_lib
 HOST_ONLY_FIELDS = ('num_epochs', 'checkpoint_every_steps', 'max_checkpoints_to_keep', 'fresh',
                     'tensorboard', 'progress', 'compile_cache_dir', 'data', 'distributed')
 PROGRAMS = 'programs'  # Our store's subfolder of the cache folder.
+NOT_STORABLE = '.not-storable'  # Beside a key whose program JAX cannot serialize.
 _VERSIONED = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'ml_dtypes')
 
 
@@ -210,7 +211,9 @@ class Compiler:
       self.loaded += 1
       return program
     self.compiled += 1
-    if not path:
+    # Not stored: no store, or a program JAX cannot serialize (marked so, to compile it as usual,
+    # with JAX's cache, from then on).
+    if not path or os.path.exists(path + NOT_STORABLE):
       return jitted.lower(*args, **kwargs).compile()
     program = _compile_fresh(jitted, args, kwargs)
     if program is None:  # This JAX cannot bypass its cache: compile as usual, do not store.
@@ -264,10 +267,15 @@ def _load(path: str):
 
 
 def _save(path: str, program) -> None:
-  """Stores `program` (skipped where JAX cannot serialize it, or the folder is full)."""
+  """Stores `program`; where JAX cannot serialize it, marks its key as not storable. (A write
+  that fails, a full disk say, is only skipped.)"""
   from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
   try:
-    blob = pickle.dumps(serialize_executable.serialize(program))
+    try:
+      blob = pickle.dumps(serialize_executable.serialize(program))
+    except Exception:  # pylint: disable=broad-except
+      workdir_lib.write_atomic(path + NOT_STORABLE, b'')
+      return
     workdir_lib.write_atomic(path, hashlib.sha256(blob).digest() + blob)
-  except Exception:  # pylint: disable=broad-except
+  except OSError:
     pass

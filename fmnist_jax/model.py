@@ -38,6 +38,12 @@ def create(config, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
   return nnx.split(model, nnx.Param)
 
 
+def graphdef(config) -> nnx.GraphDef:
+  """The graph definition `create` returns, without creating any array (an abstract model)."""
+  return nnx.split(nnx.eval_shape(lambda: MLP(tuple(config.hidden_sizes), config.num_classes,
+                                              rngs=nnx.Rngs(0))), nnx.Param)[0]
+
+
 def apply(graphdef: nnx.GraphDef, params: nnx.State, images: jax.Array,
           dtype=jnp.float32) -> jax.Array:
   """Logits for uint8 (or float) images [B, 28, 28]; computes in `dtype`, returns float32.

@@ -49,20 +49,16 @@ def model_learning_rates(config) -> tuple[float, ...]:
   return tuple(config.learning_rates) or (config.learning_rate,) * config.num_models
 
 
-def init_state(config) -> tuple[Any, TrainState]:
+def init_state(config, compile_fn: Callable | None = None) -> tuple[Any, TrainState]:
   """Builds (graphdef, state): model k is initialised with seed `config.seed + k`.
 
-  Jitted: one compiled program (from the persistent cache on a rerun) instead of dozens of
-  eager operations, each dispatched and compiled on its own (a third of a second on a CPU).
+  Jitted: one compiled program instead of dozens of eager operations, each dispatched and
+  compiled on its own (a third of a second on a CPU). `compile_fn(key, jitted)` (the trainer's
+  Compiler.get) may supply the compiled program, e.g. from the program store.
   """
-  graphdef = []  # The static graph definition, recorded while tracing.
-
-  def build():
-    graph, state = _init_state(config)
-    graphdef.append(graph)
-    return state
-  state = jax.jit(build)()
-  return graphdef[-1], state
+  jitted = jax.jit(lambda: _init_state(config)[1])
+  program = compile_fn('init', jitted) if compile_fn else jitted
+  return model_lib.graphdef(config), program()
 
 
 def _init_state(config) -> tuple[Any, TrainState]:

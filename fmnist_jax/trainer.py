@@ -163,13 +163,14 @@ def _run(config, workdir: str, cache: CompileCache) -> dict:
   distributed.check_divisible(config.batch_size)
   plan = RunPlan.create(config, len(arrays['train']['label']), len(arrays['test']['label']),
                         jax.device_count())
-  graphdef, state = steps_lib.init_state(config)
   mesh = distributed.make_mesh()
+  compiler = Compiler(cache, compilation.identity(config, mesh))
+  graphdef, state = steps_lib.init_state(config, compiler.get)
   state = jax.device_put(state, distributed.replicated(mesh))
   ckpt = checkpoint_lib.Checkpointer(workdir, config.max_checkpoints_to_keep, fresh=config.fresh)
   run = Run(config=config, workdir=workdir, plan=plan, mesh=mesh, graphdef=graphdef,
             steps=steps_lib.make_steps(config, graphdef), ckpt=ckpt,
-            out=outputs_lib.Outputs(workdir, config, main), compiler=Compiler(cache, compilation.identity(config, mesh)),
+            out=outputs_lib.Outputs(workdir, config, main), compiler=compiler,
             signals=StopSignals())
   try:
     ckpt.check_compatible(config)

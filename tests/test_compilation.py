@@ -115,3 +115,18 @@ def test_training_rerun_loads_every_program_bitwise_the_same(data_dir, tmp_path,
   b, _ = restore_state(config, tmp_path / 'second')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_program_that_cannot_be_stored_is_compiled_as_usual(tmp_path, monkeypatch):
+  """Marked once, then compiled with JAX's cache every run, never fresh again."""
+  from jax.experimental import serialize_executable
+
+  def refuse(program):
+    raise NotImplementedError('serialize_executables with const_args')
+  monkeypatch.setattr(serialize_executable, 'serialize', refuse)
+  for run in range(2):
+    cache, compiler = _compiler(tmp_path)
+    with cache:
+      np.testing.assert_allclose(_program(compiler)(jnp.zeros(8)), np.zeros(8))
+    assert (compiler.compiled, compiler.loaded, compiler.fresh) == (1, 0, 1 - run)
+  assert [p.name.endswith('.not-storable') for p in (tmp_path / 'programs').iterdir()] == [True]
