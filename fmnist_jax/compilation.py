@@ -27,6 +27,8 @@ import time
 import types
 
 import jax
+from jax.experimental import serialize_executable
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from fmnist_jax import workdir as workdir_lib
 
@@ -86,8 +88,7 @@ class CompileCache:
       if getattr(jax.config, 'jax_compilation_cache_dir', None) != self.directory:
         # JAX opens its cache once, in the folder set then: a later run in the same process
         # (a notebook, a test) with another folder makes it open that one.
-        from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
-        compilation_cache.reset_cache()
+        jax_cache.reset_cache()
       jax.config.update('jax_compilation_cache_dir', self.directory)
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
       jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
@@ -102,12 +103,12 @@ class CompileCache:
     if self.directory and unregister:
       unregister(self._listen)
 
-  def hit(self, compiler: 'Compiler | None' = None) -> bool | None:
+  def hit(self, compiler: 'Compiler') -> bool | None:
     """True when every program came from a cache (our store or JAX's); None with the cache off."""
     if not self.directory:
       return None
-    loaded, fresh = (compiler.loaded, compiler.fresh) if compiler else (0, 0)
-    return self.requests + loaded > 0 and self.hits == self.requests and not fresh
+    return (self.requests + compiler.loaded > 0 and self.hits == self.requests
+            and not compiler.fresh)
 
 
 # The modules whose code reaches a compiled program (the step functions, the model, the loss,
@@ -211,42 +212,32 @@ class Compiler:
       self.loaded += 1
       return program
     self.compiled += 1
-    # Not stored: no store, or a program JAX cannot serialize (marked so, to compile it as usual,
-    # with JAX's cache, from then on).
-    if not path or os.path.exists(path + NOT_STORABLE):
-      return jitted.lower(*args, **kwargs).compile()
-    program = _compile_fresh(jitted, args, kwargs)
-    if program is None:  # This JAX cannot bypass its cache: compile as usual, do not store.
-      return jitted.lower(*args, **kwargs).compile()
-    self.fresh += 1
-    _save(path, program)
-    return program
+    # Stored unless there is no store, or JAX cannot serialize this program (marked so: from then
+    # on it is compiled as usual, with JAX's cache).
+    if path and not os.path.exists(path + NOT_STORABLE):
+      program = _compile_fresh(jitted, args, kwargs)
+      self.fresh += 1
+      _save(path, program)
+      return program
+    return jitted.lower(*args, **kwargs).compile()
 
 
 def _compile_fresh(jitted, args, kwargs):
-  """Compiled by XLA now, not loaded from JAX's cache (None where JAX offers no way to do so): a
-  program JAX loaded from its cache is not serialized again faithfully (on a CPU it loses its
-  kernels: "Function ... not found" when run). The store holds it from now on, so JAX's cache is
-  not needed for it."""
-  try:
-    from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
-    reset = compilation_cache.reset_cache
-  except (ImportError, AttributeError):
-    return None
+  """Compiled by XLA now, not loaded from JAX's cache: a program JAX loaded from its cache is not
+  serialized again faithfully (on a CPU it loses its kernels: "Function ... not found" when
+  run). The store holds it from now on, so JAX's cache is not needed for it."""
   enabled = getattr(jax.config, 'jax_enable_compilation_cache', True)
-  reset()  # JAX checks the setting once, when it opens its cache.
+  jax_cache.reset_cache()  # JAX checks the setting once, when it opens its cache.
   jax.config.update('jax_enable_compilation_cache', False)
   try:
     return jitted.lower(*args, **kwargs).compile()
   finally:
     jax.config.update('jax_enable_compilation_cache', enabled)
-    reset()  # Opened again, as configured, at the next compilation.
+    jax_cache.reset_cache()  # Opened again, as configured, at the next compilation.
 
 
 def _load(path: str):
   """The program stored at `path`, or None (absent, damaged or not loadable here)."""
-  # pylint: disable=g-import-not-at-top
-  from jax.experimental import serialize_executable
   try:
     with open(path, 'rb') as f:
       data = f.read()
@@ -269,7 +260,6 @@ def _load(path: str):
 def _save(path: str, program) -> None:
   """Stores `program`; where JAX cannot serialize it, marks its key as not storable. (A write
   that fails, a full disk say, is only skipped.)"""
-  from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
   try:
     try:
       blob = pickle.dumps(serialize_executable.serialize(program))

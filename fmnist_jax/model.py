@@ -32,16 +32,19 @@ class MLP(nnx.Module):
     return self.out(x)
 
 
+def _build(config, seed: int) -> MLP:
+  """The configured model (validated by fmnist_jax.validate)."""
+  return MLP(tuple(config.hidden_sizes), config.num_classes, rngs=nnx.Rngs(seed))
+
+
 def create(config, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
-  """Builds the configured model (validated by fmnist_jax.validate); returns (graphdef, params)."""
-  model = MLP(tuple(config.hidden_sizes), config.num_classes, rngs=nnx.Rngs(seed))
-  return nnx.split(model, nnx.Param)
+  """Builds the configured model; returns (graphdef, params)."""
+  return nnx.split(_build(config, seed), nnx.Param)
 
 
 def graphdef(config) -> nnx.GraphDef:
   """The graph definition `create` returns, without creating any array (an abstract model)."""
-  return nnx.split(nnx.eval_shape(lambda: MLP(tuple(config.hidden_sizes), config.num_classes,
-                                              rngs=nnx.Rngs(0))), nnx.Param)[0]
+  return nnx.split(nnx.eval_shape(lambda: _build(config, 0)), nnx.Param)[0]
 
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, images: jax.Array,
