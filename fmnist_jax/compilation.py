@@ -155,7 +155,8 @@ def _bytecode(code: types.CodeType) -> bytes:
 
 def identity(config, mesh) -> str:
   """What every program of this run depends on besides its arguments, as one digest."""
-  versions = {name: getattr(sys.modules.get(name), '__version__', None) for name in _VERSIONED}
+  versions = {name: getattr(importlib.import_module(name), '__version__', None)
+              for name in _VERSIONED}  # Imported: the key must not depend on what was before.
   client = jax.devices()[0].client
   settings = {k: repr(v) for k, v in getattr(jax.config, 'values', {}).items() if 'cache' not in k}
   fields = {k: v for k, v in config.to_dict().items() if k not in HOST_ONLY_FIELDS}
@@ -247,8 +248,10 @@ def _load(path: str):
   try:
     if hashlib.sha256(blob).digest() != digest:
       raise ValueError('checksum mismatch')
-    payload, in_tree, out_tree = pickle.loads(blob)
-    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+    payload, in_tree, out_tree, device_ids = pickle.loads(blob)
+    by_id = {d.id: d for d in jax.devices()}
+    return serialize_executable.deserialize_and_load(
+        payload, in_tree, out_tree, execution_devices=[by_id[i] for i in device_ids])
   except Exception:  # pylint: disable=broad-except
     try:
       os.unlink(path)  # Recompiled and written again below.
@@ -257,12 +260,20 @@ def _load(path: str):
     return None
 
 
+def _device_ids(program) -> list[int]:
+  """The devices `program` runs on, in its order. Loading needs them: by default JAX loads a
+  program onto every device, and a program compiled for fewer (one without arguments runs on one)
+  then fails when called ("Attempted to execute with 8 argument lists when local device count is
+  1"). (The attribute `serialize` itself reads the program from.)"""
+  return [d.id for d in program._executable._unloaded_executable.device_list]  # pylint: disable=protected-access
+
+
 def _save(path: str, program) -> None:
   """Stores `program`; where JAX cannot serialize it, marks its key as not storable. (A write
   that fails, a full disk say, is only skipped.)"""
   try:
     try:
-      blob = pickle.dumps(serialize_executable.serialize(program))
+      blob = pickle.dumps((*serialize_executable.serialize(program), _device_ids(program)))
     except Exception:  # pylint: disable=broad-except
       workdir_lib.write_atomic(path + NOT_STORABLE, b'')
       return

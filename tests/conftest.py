@@ -25,6 +25,21 @@ def _source_dir():
               f'dataset-fashion-mnist) or set ${data.MANUAL_DIR_ENV}.')
 
 
+def _run_folder(tmp_path_factory):
+  """This test run's temporary folder, shared by pytest-xdist's workers."""
+  root = tmp_path_factory.getbasetemp()
+  return root.parent if os.environ.get('PYTEST_XDIST_WORKER') else root
+
+
+@pytest.fixture(scope='session', autouse=True)
+def compile_cache(tmp_path_factory):
+  """The compilation cache ('auto') of this test run, shared by its workers and the processes they
+  start: tests see what a fresh machine sees, whatever earlier runs left in ~/.cache."""
+  folder = _run_folder(tmp_path_factory) / 'xdg_cache'
+  os.environ['XDG_CACHE_HOME'] = str(folder)
+  return folder
+
+
 @pytest.fixture(scope='session')
 def source_dir():
   return _source_dir()
@@ -34,9 +49,7 @@ def source_dir():
 def data_dir(tmp_path_factory, source_dir):
   """A tfds data dir holding the prepared dataset, prepared from the IDX files once per test run
   (pytest-xdist's workers share it: the first prepares it, the others wait for it)."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    root = root.parent  # The run's folder, above each worker's own.
+  root = _run_folder(tmp_path_factory)
   path = root / 'tfds_shared'
   with open(root / 'tfds_shared.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)

@@ -1,6 +1,9 @@
 """The program store beside JAX's persistent cache: reruns skip tracing, nothing stale is loaded."""
 
+import ast
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,7 @@ import numpy as np
 import pytest
 
 from fmnist_jax import compilation, trainer
-from tests.conftest import load_test_config, restore_state
+from tests.conftest import ROOT, load_test_config, restore_state
 
 
 def _compiler(folder, config=None):
@@ -130,3 +133,36 @@ def test_a_program_that_cannot_be_stored_is_compiled_as_usual(tmp_path, monkeypa
       np.testing.assert_allclose(_program(compiler)(jnp.zeros(8)), np.zeros(8))
     assert (compiler.compiled, compiler.loaded, compiler.fresh) == (1, 0, 1 - run)
   assert [p.name.endswith('.not-storable') for p in (tmp_path / 'programs').iterdir()] == [True]
+
+
+_ON_TWO_DEVICES = '''
+import sys
+import jax, jax.numpy as jnp
+from fmnist_jax import compilation
+from tests.conftest import load_test_config
+assert jax.device_count() == 2
+mesh = jax.make_mesh((2,), ('data',))
+sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+results = []
+for run in range(2):  # The second run loads both programs.
+  cache = compilation.CompileCache(sys.argv[1])
+  compiler = compilation.Compiler(cache, compilation.identity(load_test_config(), mesh))
+  with cache:
+    init = compiler.get('init', jax.jit(lambda: jnp.arange(4.0)))  # Compiled for one device.
+    double = compiler.get('double', jax.jit(lambda x: 2 * x, out_shardings=sharded),
+                          jax.device_put(jnp.zeros(4), sharded))
+    results.append((compiler.loaded, init().tolist(), double(init()).tolist()))
+print(results)
+'''
+
+
+def test_programs_load_onto_the_devices_they_were_compiled_for(tmp_path):
+  """With two devices, a program for one of them (no arguments) and one for both."""
+  result = subprocess.run(
+      [sys.executable, '-c', _ON_TWO_DEVICES, str(tmp_path)], capture_output=True, text=True,
+      cwd=ROOT, env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2'),
+      timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  first, second = ast.literal_eval(result.stdout)
+  assert first == (0, [0.0, 1.0, 2.0, 3.0], [0.0, 2.0, 4.0, 6.0])
+  assert second == (2, first[1], first[2])
