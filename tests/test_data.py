@@ -56,16 +56,15 @@ def test_warm_load_does_not_import_tensorflow(data_dir):
   print(f'warm load: {float(seconds):.3f} s')
 
 
-def test_copy_without_tfds_data_is_not_trusted(tmp_path, data_dir, source_dir):
-  """A copy whose tfds data vanished (or never finished) is rebuilt from a fresh preparation."""
+def test_copy_without_tfds_data_is_not_trusted(tmp_path, data_dir):
+  """A copy whose tfds data vanished (or never finished) is not used: `load` then prepares the
+  dataset as on a first run (the session's data_dir fixture does that)."""
   import shutil
   root = tmp_path / 'tfds'
   shutil.copytree(data_dir, root)
+  assert data._load_copy(str(root)) is not None
   shutil.rmtree(root / 'fashion_mnist' / '3.0.1')
   assert data._load_copy(str(root)) is None
-  arrays = data.load(_config(root, source_dir))
-  assert len(arrays['train']['label']) == 60_000
-  assert (root / 'fashion_mnist' / '3.0.1' / 'dataset_info.json').exists()
 
 
 def test_corrupt_copy_is_rebuilt(tmp_path, data_dir):

@@ -59,7 +59,8 @@ def test_readme_commands_work_verbatim_in_order(data_dir, tmp_path):
   with open(clone / 'README.md') as f:
     commands = [c for c in readme_commands(f.read()) if not SKIP.search(c)]
   script = ''.join(f'{c}\necho "{MARKER} $? {i}"\n' for i, c in enumerate(commands))
-  env = {k: v for k, v in os.environ.items() if not k.startswith(('VIRTUAL_ENV', 'PYTHON'))}
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('VIRTUAL_ENV', 'PYTHON', 'XDG_'))}
   env.update(HOME=str(home), TFDS_DATA_DIR=data_dir, FMNIST_EXTRAS=_installed_extras())
   result = subprocess.run(['bash', '-c', script], cwd=clone, env=env, capture_output=True,
                           text=True, timeout=1500)
