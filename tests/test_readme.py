@@ -5,7 +5,7 @@ the lines after it), except lines marked `# [not run here: <reason>]` (Colab, a 
 test suite itself). Each must exit 0 without a traceback, and the clone's `git status` must be
 clean at the end. The environment is a newcomer's: an empty home folder; only variables the README
 documents are set (TFDS_DATA_DIR, to reuse this session's prepared data instead of preparing it
-again).
+again, and XDG_CACHE_HOME, this session's compilation cache: its programs, not compiled again).
 """
 
 import hashlib
@@ -59,8 +59,7 @@ def test_readme_commands_work_verbatim_in_order(data_dir, tmp_path):
   with open(clone / 'README.md') as f:
     commands = [c for c in readme_commands(f.read()) if not SKIP.search(c)]
   script = ''.join(f'{c}\necho "{MARKER} $? {i}"\n' for i, c in enumerate(commands))
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(('VIRTUAL_ENV', 'PYTHON', 'XDG_'))}
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('VIRTUAL_ENV', 'PYTHON'))}
   env.update(HOME=str(home), TFDS_DATA_DIR=data_dir, FMNIST_EXTRAS=_installed_extras())
   result = subprocess.run(['bash', '-c', script], cwd=clone, env=env, capture_output=True,
                           text=True, timeout=1500)
