@@ -50,9 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'stream': batches streamed from host memory (numpy, no TensorFlow) into the same fused loop.
   # 'tfds': the same, with batches from the classic tf.data pipeline.
   config.input_mode = 'device'
-  config.chunk_steps = 0  # Steps between host-side checks (progress, signals); 0 = a whole epoch.
+  # Steps between host-side checks (progress line, stop signals); 0 = once per epoch.
+  config.check_every_steps = 0
   config.stream_chunk_steps = 256  # stream/tfds modes: batches per transfer and compiled call.
-  config.scan_unroll = 4  # Steps per iteration of the compiled loop (less loop overhead on CPU).
+  config.loop_unroll = 4  # Steps per iteration of the compiled loop (less loop overhead on CPU).
   config.compute_dtype = 'float32'  # 'bfloat16' computes in bf16, keeps f32 params and Adam state.
   config.num_models = 1  # >1 trains that many independent models at once with jax.vmap.
   config.learning_rates = ()  # With num_models > 1: one learning rate per model; () = all equal.
@@ -60,12 +61,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Checkpoints, resume and outputs (fmnist_jax/checkpoint.py).
   config.checkpoint_every_steps = 0  # 0 = at the end of every epoch.
   config.max_checkpoints_to_keep = 2
-  config.fresh = False  # True: delete the workdir's checkpoints and start over.
   config.tensorboard = True  # Write TensorBoard event files to the workdir.
   config.progress = True  # Print a Keras-like progress line per epoch.
   # JAX's persistent compilation cache: 'auto' = ~/.cache/fmnist_jax/jax (or $XDG_CACHE_HOME's);
   # '' = off. A repeated or slightly changed run then skips most compilation.
   config.compile_cache_dir = 'auto'
+  # Trace this many steady-state training steps with jax.profiler into <workdir>/tensorboard
+  # (TensorBoard's profile plugin or Perfetto read it); 0 = off.
+  config.profile_steps = 0
 
   # Several hosts (fmnist_jax/distributed.py): '' = read the standard environment (or none).
   config.distributed = ml_collections.ConfigDict()

@@ -355,6 +355,14 @@ class TfdsStream:
                                   'label': tf.cast(ex['label'], tf.int32)},
                       num_parallel_calls=tf.data.AUTOTUNE).cache()
 
+  def chunks(self, global_batch: int, chunk_batches: int, *, shuffle_seed: int,
+             skip_batches: int = 0, process_index: int = 0, process_count: int = 1):
+    """Yields (chunk, n): `chunk_batches` consecutive batches of batches() as arrays
+    [chunk_batches, local, ...], n of them real (the rest zeros with mask 0)."""
+    yield from _stack_chunks(self.batches(
+        global_batch, shuffle_seed=shuffle_seed, skip_batches=skip_batches,
+        process_index=process_index, process_count=process_count), chunk_batches)
+
   def batches(self, global_batch: int, *, shuffle_seed: int | None = None, skip_batches: int = 0,
               process_index: int = 0, process_count: int = 1
               ) -> Iterator[dict[str, np.ndarray]]:
@@ -389,6 +397,14 @@ class HostStream:
   def __init__(self, data_config, split: str):
     self._split = load(data_config)[split]
 
+  def chunks(self, global_batch: int, chunk_batches: int, *, shuffle_seed: int,
+             skip_batches: int = 0, process_index: int = 0, process_count: int = 1):
+    """Yields (chunk, n): `chunk_batches` consecutive batches of batches() as arrays
+    [chunk_batches, local, ...], n of them real (the rest zeros with mask 0)."""
+    yield from _stack_chunks(self.batches(
+        global_batch, shuffle_seed=shuffle_seed, skip_batches=skip_batches,
+        process_index=process_index, process_count=process_count), chunk_batches)
+
   def batches(self, global_batch: int, *, shuffle_seed: int | None = None, skip_batches: int = 0,
               process_index: int = 0, process_count: int = 1
               ) -> Iterator[dict[str, np.ndarray]]:
@@ -402,6 +418,18 @@ class HostStream:
       take = order[start:start + global_batch]
       batch = pad_batch({k: v[take] for k, v in self._split.items()}, global_batch)
       yield {k: v[rows] for k, v in batch.items()}
+
+
+def _stack_chunks(batches, chunk_batches: int):
+  """(chunk [K, local, ...], n real batches) from an iterator of padded batches."""
+  while True:
+    rows = [b for _, b in zip(range(chunk_batches), batches)]
+    if not rows:
+      return
+    chunk = {k: np.zeros((chunk_batches,) + v.shape, v.dtype) for k, v in rows[0].items()}
+    for key, array in chunk.items():
+      array[:len(rows)] = [r[key] for r in rows]
+    yield chunk, len(rows)
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

@@ -4,6 +4,7 @@ One mesh axis, 'data': the global batch is split over all devices of all process
 and optimizer state are replicated. With one device every sharding is trivial and nothing changes.
 """
 
+import contextlib
 import os
 
 import jax
@@ -78,11 +79,37 @@ def put_local_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> di
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def to_host(array: jax.Array) -> np.ndarray:
+  """The whole of a global array on every process (a collective with several processes)."""
+  if jax.process_count() == 1:
+    return np.asarray(array)
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def dataset_sharding(mesh: Mesh, num_examples: int) -> NamedSharding:
   """Each device keeps its share of the dataset; replicated when the rows do not divide evenly."""
   if num_examples % mesh.size:
     return replicated(mesh)
   return batch_sharded(mesh)
+
+
+@contextlib.contextmanager
+def one_writer(lock):
+  """Holds `lock` (the workdir's) on process 0 for the whole job; every process learns whether it
+  was taken, so all stop together when another training holds it."""
+  error = None
+  if is_main_process():
+    try:
+      lock.acquire()
+    except UserError as e:
+      error = e
+  if any_process(error is not None):
+    raise error or UserError('another training is writing to this workdir; wait for it to '
+                             'finish, stop it, or use another --workdir.')
+  try:
+    yield
+  finally:
+    lock.release()
 
 
 def is_main_process() -> bool:

@@ -12,17 +12,16 @@ import zlib
 
 import numpy as np
 
+from fmnist_jax import IMAGE_SIZE, NUM_CLASSES, NUM_TEST, NUM_TRAIN
 from fmnist_jax.errors import UserError
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
-IMAGE_SIZE = 28
-NUM_CLASSES = 10
 
 # tfds's split name -> (images file, labels file, number of examples).
 FILES = {
-    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz', 60_000),
-    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz', 10_000),
+    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz', NUM_TRAIN),
+    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz', NUM_TEST),
 }
 
 

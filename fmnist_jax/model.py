@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-IMAGE_PIXELS = 28 * 28
+from fmnist_jax import IMAGE_PIXELS
 # flax >= 0.12 needs nnx.List for a list of submodules; flax 0.11 (Colab's) has none and takes a list.
 _ModuleList = getattr(nnx, 'List', list)
 

@@ -1,14 +1,31 @@
-"""What a training run tells the world: progress lines, metrics.jsonl, summary.json, TensorBoard.
+"""What a training run tells the world: progress lines, metrics.jsonl, summary.json, TensorBoard,
+profiler traces; and reading them back (read_summary, read_metrics).
 
 Only process 0 writes and prints (`Outputs(main=False)` does nothing), so a multi-process run
-produces one set of outputs.
+produces one set of outputs. `progress` turns off the per-epoch lines, never the result line.
 """
 
+import os
 import sys
 
 import numpy as np
 
+from fmnist_jax import hardware
 from fmnist_jax import workdir as workdir_lib
+
+# summary.json keys a finished run must have to be reported again instead of re-evaluated.
+SUMMARY_KEYS = ('test_accuracy', 'test_loss', 'steps', 'devices', 'backend', 'train_seconds',
+                'compile_seconds')
+
+
+def read_summary(workdir: str, fix: str = 'run the training again') -> dict:
+  """A finished run's summary.json (WorkdirError naming the file and `fix` if unusable)."""
+  return workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.SUMMARY), fix, SUMMARY_KEYS)
+
+
+def read_metrics(workdir: str, fix: str = 'run the training again') -> list[dict]:
+  """The run's epochs from metrics.jsonl ([] before the first epoch ends)."""
+  return workdir_lib.read_metrics(workdir_lib.path(workdir, workdir_lib.METRICS), fix)
 
 
 class Outputs:
@@ -20,9 +37,16 @@ class Outputs:
     self.main = main
     self.tty = sys.stdout.isatty()
     self._tensorboard = None
+    self._tracing = False
 
   def log(self, message: str, end: str = '\n') -> None:
-    if self.main and self.config.progress:
+    """Progress: printed unless config.progress is off."""
+    if self.config.progress:
+      self.say(message, end)
+
+  def say(self, message: str, end: str = '\n') -> None:
+    """Results: always printed (by process 0)."""
+    if self.main:
       print(message, end=end, flush=True)
 
   def _path(self, name: str) -> str:
@@ -56,8 +80,47 @@ class Outputs:
     self.log(('\r' if self.tty else '') + epoch_line(entry, self.config.num_epochs,
                                                      steps_per_epoch))
 
-  def prediction_images(self, images, probs, labels, step: int) -> None:
+  def finished_summary(self, step: int, total_steps: int) -> dict | None:
+    """The saved summary of a finished run (told again), or None when it must be (re)written by
+    evaluating the final checkpoint."""
+    if step > total_steps:
+      raise workdir_lib.WorkdirError(
+          f'{self.workdir} holds a run of {step} steps, more than the {total_steps} of '
+          f'num_epochs={self.config.num_epochs}; use --fresh or another --workdir for a shorter '
+          'run.')
+    if not os.path.exists(self._path(workdir_lib.SUMMARY)):
+      return None
+    try:
+      summary = read_summary(self.workdir, 'rewriting it')
+    except workdir_lib.WorkdirError as e:
+      self.log(f'warning: {e}')
+      return None
+    self.say(finished_line(self.workdir, summary))
+    self.say(result_line(summary))
+    return summary
+
+  def profile(self, step: int, num_steps: int, plan) -> None:
+    """Starts jax.profiler's trace where the plan's profile window starts, stops it at its end
+    (TensorBoard's profile plugin reads <workdir>/tensorboard/plugins/profile/)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    window = plan.profile_window
+    if window and step == window[0] and not self._tracing:
+      jax.profiler.start_trace(self._path(workdir_lib.TENSORBOARD))
+      self._tracing = True
+    elif self._tracing and (not window or step >= window[1]):
+      self.stop_profile()
+    del num_steps
+
+  def stop_profile(self) -> None:
+    if self._tracing:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.effects_barrier()
+      jax.profiler.stop_trace()
+      self._tracing = False
+
+  def prediction_images(self, predictions, step: int) -> None:
     """The tutorial's 15 predictions as a TensorBoard image, drawn without matplotlib."""
+    images, probs, labels = predictions
     writer = self._writer()
     if writer:
       writer.add_image('predictions', prediction_strip(images, probs, labels), step,
@@ -67,9 +130,10 @@ class Outputs:
   def finish(self, summary: dict) -> None:
     if self.main:
       workdir_lib.write_json(self._path(workdir_lib.SUMMARY), summary)
-    self.log(result_line(summary))
+    self.say(result_line(summary))
 
   def close(self) -> None:
+    self.stop_profile()
     if self._tensorboard:
       self._tensorboard.close()
       self._tensorboard = None
@@ -145,12 +209,22 @@ def devices_text(summary: dict) -> str:
   return f'{summary["devices"]} {summary["backend"]} device(s){hosts}'
 
 
+def flops_text(summary: dict) -> str:
+  """', 1.23 GFLOP/s' and ', MFU 12.3%' where known."""
+  rate = summary.get('flops_per_second')
+  if not rate:
+    return ''
+  mfu = summary.get('mfu')
+  return f', {rate / 1e9:.1f} GFLOP/s' + (f', MFU {100 * mfu:.1f}%' if mfu else '')
+
+
 def result_line(summary: dict) -> str:
-  """The result: accuracy (mean and ensemble with several models), time and devices."""
+  """The result: accuracy (mean and ensemble with several models), time, FLOP/s and devices."""
   timing = (f'{summary["steps"]} steps, training {summary["train_seconds"]:.2f} s, compile '
             f'{summary["compile_seconds"]:.2f} s')
   if summary.get('total_seconds') is not None:
     timing += f', total {summary["total_seconds"]:.2f} s'
+  timing += flops_text(summary)
   if 'models' in summary:
     m = summary['models']
     return (f'Test accuracy of {summary["num_models"]} models: mean {m["test_accuracy_mean"]:.4f}'
@@ -163,5 +237,60 @@ def result_line(summary: dict) -> str:
 
 def finished_line(workdir: str, summary: dict) -> str:
   return (f'{workdir} holds a finished run of {summary["steps"]} steps on '
-          f'{devices_text(summary)}; not retraining (use --config.fresh=True or another '
+          f'{devices_text(summary)}; not retraining (use --fresh or another '
           '--workdir to train again).')
+
+
+# The summary -------------------------------------------------------------------------------------
+
+
+def make_summary(run, state, history, test, steps_run: int, timing: dict) -> dict:
+  """summary.json's content: results, timing, throughput, FLOP/s and MFU, devices, versions."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fmnist_jax import model as model_lib, programs  # pylint: disable=g-import-not-at-top
+  config, plan = run.config, run.plan
+  final, train_seconds = history[-1], timing['train_seconds']
+  rate = (lambda n: n / train_seconds if train_seconds else None)
+  flops = programs.step_flops(run.compiled['train_step'])
+  kind = jax.devices()[0].device_kind
+  peak = hardware.peak_flops(kind, config.compute_dtype)
+  achieved = rate(flops * steps_run) if flops else None  # Per device: XLA costs its share.
+  summary = {
+      'test_accuracy': final['test_accuracy'], 'test_loss': final['test_loss'],
+      'train_accuracy': final['train_accuracy'], 'train_loss': final['train_loss'],
+      'epochs': config.num_epochs, 'steps': plan.total_steps, 'batch_size': config.batch_size,
+      'steps_per_epoch': plan.steps_per_epoch, **timing, 'steps_run': steps_run,
+      'steps_per_second': rate(steps_run),
+      'examples_per_second': rate(steps_run * config.batch_size),
+      'flops_per_step': flops, 'flops_per_second': achieved, 'peak_flops_per_second': peak,
+      'mfu': achieved / peak if achieved and peak else None,
+      'backend': jax.default_backend(), 'devices': jax.device_count(), 'device_kind': kind,
+      'processes': jax.process_count(), 'seed': config.seed, 'input_mode': config.input_mode,
+      'compute_dtype': config.compute_dtype, 'num_models': config.num_models,
+      'param_count': model_lib.param_count(state.params, config.num_models),
+      'jax_version': jax.__version__,
+  }
+  if config.num_models > 1:
+    summary['models'] = model_stats(run, state, history, test)
+  return summary
+
+
+def model_stats(run, state, history, test) -> dict:
+  """Spread of the K models' test accuracies, and the accuracy of their averaged probabilities."""
+  from fmnist_jax import inference, steps  # pylint: disable=g-import-not-at-top
+  config = run.config
+  accs = np.asarray(history[-1]['per_model']['test_accuracy'])
+  probs = inference.predict_probs(config, run.graphdef, host_params(state), test['image'])
+  ensemble = float((probs.argmax(axis=1) == test['label']).mean())
+  return {'test_accuracy_mean': float(accs.mean()), 'test_accuracy_std': float(accs.std()),
+          'test_accuracy_min': float(accs.min()), 'test_accuracy_max': float(accs.max()),
+          'ensemble_test_accuracy': ensemble,
+          'learning_rates': list(steps.model_learning_rates(config)),
+          'seeds': [config.seed + k for k in range(config.num_models)]}
+
+
+def host_params(state):
+  """A host copy of the (replicated) parameters, so that code running on one process alone never
+  launches work over other processes' devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.params)

@@ -7,28 +7,36 @@ import dataclasses
 class RunPlan:
   """Steps, epochs and stops of one run.
 
-  A chunk is the unit of work between two host-side checks (divergence, signals, progress): it ends
-  at an epoch end, every `chunk_steps` steps into an epoch, and every `checkpoint_every_steps`
-  global steps, whichever comes first.
+  A stop is where the host checks the run (divergence, signals, progress, checkpoints): at an
+  epoch end, every `check_every_steps` steps into an epoch, and every `checkpoint_every_steps`
+  global steps. Between two stops the steps run in compiled chunks without the host.
   """
   num_train: int
   num_test: int
   batch_size: int
   eval_batch_size: int  # Rounded up to a multiple of the device count.
   num_epochs: int
-  chunk_steps: int  # 0 = a whole epoch.
+  check_every_steps: int  # 0 = once per epoch.
   checkpoint_every_steps: int  # 0 = only at epoch ends.
+  stream_batches: int  # stream/tfds modes: batches per host chunk (as configured).
+  profile_window: tuple[int, int] | None = None  # Global steps [start, end) traced.
 
   @classmethod
   def create(cls, config, num_train: int, num_test: int, device_count: int) -> 'RunPlan':
     return cls(num_train=num_train, num_test=num_test, batch_size=config.batch_size,
                eval_batch_size=-(-config.eval_batch_size // device_count) * device_count,
-               num_epochs=config.num_epochs, chunk_steps=config.chunk_steps,
-               checkpoint_every_steps=config.checkpoint_every_steps)
+               num_epochs=config.num_epochs, check_every_steps=config.check_every_steps,
+               checkpoint_every_steps=config.checkpoint_every_steps,
+               stream_batches=config.stream_chunk_steps)
 
   @property
   def steps_per_epoch(self) -> int:
     return -(-self.num_train // self.batch_size)  # The last batch is padded, never dropped.
+
+  @property
+  def stream_chunk_steps(self) -> int:
+    """Batches per host chunk: never more than an epoch."""
+    return min(self.stream_batches, self.steps_per_epoch)
 
   @property
   def total_steps(self) -> int:
@@ -38,20 +46,32 @@ class RunPlan:
   def test_batches(self) -> int:
     return -(-self.num_test // self.eval_batch_size)
 
+  def with_profile_window(self, first_step: int, profile_steps: int) -> 'RunPlan':
+    """The plan with `profile_steps` steady-state steps traced: the window starts after the first
+    stop of this run's first epoch's steps (programs warm), or right away, and ends at most at
+    the last step."""
+    if not profile_steps:
+      return self
+    start = min(first_step + profile_steps, self.total_steps - 1)
+    return dataclasses.replace(self, profile_window=(start, min(start + profile_steps,
+                                                                self.total_steps)))
+
   def epoch_of(self, step: int) -> int:
     """The 0-based epoch that global step `step` (the next one to run) belongs to."""
     return step // self.steps_per_epoch
 
   def next_stop(self, step: int) -> int:
-    """The step at which the chunk starting at `step` ends."""
+    """The first stop after `step`."""
     spe = self.steps_per_epoch
     epoch_start = step // spe * spe
     stops = [epoch_start + spe]
-    if self.chunk_steps:
-      stops.append(epoch_start + ((step - epoch_start) // self.chunk_steps + 1) * self.chunk_steps)
+    if self.check_every_steps:
+      every = self.check_every_steps
+      stops.append(epoch_start + ((step - epoch_start) // every + 1) * every)
     if self.checkpoint_every_steps:
       every = self.checkpoint_every_steps
       stops.append((step // every + 1) * every)
+    stops += [s for s in self.profile_window or () if s > step]
     return min(stops)
 
   def checkpoint_due(self, step: int) -> bool:

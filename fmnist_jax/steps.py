@@ -49,16 +49,13 @@ def model_learning_rates(config) -> tuple[float, ...]:
   return tuple(config.learning_rates) or (config.learning_rate,) * config.num_models
 
 
-def init_state(config, compile_fn: Callable | None = None) -> tuple[Any, TrainState]:
+def init_state(config) -> tuple[Any, TrainState]:
   """Builds (graphdef, state): model k is initialised with seed `config.seed + k`.
 
   Jitted: one compiled program instead of dozens of eager operations, each dispatched and
-  compiled on its own (a third of a second on a CPU). `compile_fn(key, jitted)` (the trainer's
-  Compiler.get) may supply the compiled program, e.g. from the program store.
+  compiled on its own (a third of a second on a CPU).
   """
-  jitted = jax.jit(lambda: _init_state(config)[1])
-  program = compile_fn('init', jitted) if compile_fn else jitted
-  return model_lib.graphdef(config), program()
+  return model_lib.graphdef(config), jax.jit(lambda: _init_state(config)[1])()
 
 
 def _init_state(config) -> tuple[Any, TrainState]:
@@ -81,25 +78,51 @@ def _init_state(config) -> tuple[Any, TrainState]:
   return graphdef, state
 
 
+def shuffle(rng, epoch, images, labels, batch_size: int) -> Batch:
+  """This epoch's batches [steps, B, ...]: a permutation, padded up to whole batches.
+
+  Every example appears exactly once; the padding rows repeat early examples with mask 0 (the
+  last batch is partial, as in Keras), so no example is dropped. Gathering rows of flat
+  [N, 784] images is about twice as fast as gathering [N, 28, 28] ones.
+  """
+  n = labels.shape[0]
+  steps = -(-n // batch_size)
+  # One sort of random 32-bit keys: on a CPU half the cost of jax.random.permutation's two
+  # sorting rounds. A tie (about one pair per epoch of 60,000) keeps its index order.
+  perm = jnp.argsort(jax.random.bits(jax.random.fold_in(rng, epoch), (n,)))
+  order = jnp.concatenate([perm, perm[:steps * batch_size - n]]).reshape(steps, batch_size)
+  mask = (jnp.arange(steps * batch_size) < n).astype(jnp.float32).reshape(steps, batch_size)
+  return {'image': images[order], 'label': labels[order], 'mask': mask}
+
+
+def params_finite(params) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+
+
 @dataclasses.dataclass(frozen=True)
 class Steps:
   """The pure functions of one configuration (see module docstring)."""
   train_step: Callable[[TrainState, Batch], TrainState]
   train_chunk: Callable[..., TrainState]
-  shuffle: Callable[..., Batch]
   evaluate: Callable[..., tuple[jax.Array, jax.Array]]
   logits: Callable[[Any, jax.Array], jax.Array]
-  params_finite: Callable[[Any], jax.Array]
 
 
 def make_steps(config, graphdef) -> Steps:
   """Builds the step functions for `config` around the model's static graph definition."""
-  tx = make_optimizer(config)
   dtype = jnp.dtype(config.compute_dtype)
-  multi = config.num_models > 1
 
   def logits_fn(params, images):
     return model_lib.apply(graphdef, params, images, dtype)
+
+  train_step = _train_step_fn(config, logits_fn)
+  return Steps(train_step=train_step, train_chunk=_train_chunk_fn(train_step, config.loop_unroll),
+               evaluate=_evaluate_fn(config, logits_fn), logits=logits_fn)
+
+
+def _train_step_fn(config, logits_fn) -> Callable[[TrainState, Batch], TrainState]:
+  """One Adam step of every model on one batch, with the epoch's running sums."""
+  tx = make_optimizer(config)
 
   def model_step(params, opt_state, lr, batch):
     """One Adam step of one model; returns new params and state, loss and correct sums."""
@@ -112,12 +135,11 @@ def make_steps(config, graphdef) -> Steps:
     # Only the loss is checked per step: a full pass over the gradients costs 20% of a step on a
     # CPU. A non-finite gradient makes the parameters, hence the next loss, non-finite; the
     # trainer also checks the parameters at the end of every chunk.
-    finite = jnp.isfinite(loss)
     n = jnp.sum(batch['mask'])
     return (params, opt_state, loss * n,
-            metrics.correct_sum(logits, batch['label'], batch['mask']), finite)
+            metrics.correct_sum(logits, batch['label'], batch['mask']), jnp.isfinite(loss))
 
-  if multi:
+  if config.num_models > 1:
     model_step = jax.vmap(model_step, in_axes=(0, 0, 0, None))
     lr = jnp.asarray(model_learning_rates(config), jnp.float32)
   else:
@@ -126,25 +148,26 @@ def make_steps(config, graphdef) -> Steps:
   def train_step(state: TrainState, batch: Batch) -> TrainState:
     params, opt_state, loss_sum, correct, finite = model_step(
         state.params, state.opt_state, lr, batch)
-    all_finite = jnp.all(finite)
-    first_bad = jnp.where((state.first_nonfinite < 0) & ~all_finite, state.step,
+    first_bad = jnp.where((state.first_nonfinite < 0) & ~jnp.all(finite), state.step,
                           state.first_nonfinite)
     return state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
         loss_sum=state.loss_sum + loss_sum, correct=state.correct + correct,
         count=state.count + jnp.sum(batch['mask']), first_nonfinite=first_bad)
 
-  def train_chunk(state: TrainState, epoch_data: Batch, start, num_steps) -> TrainState:
-    """`num_steps` train steps on batches start, start+1, ... of `epoch_data` [S, B, ...].
+  return train_step
+
+
+def _train_chunk_fn(train_step, unroll: int) -> Callable[..., TrainState]:
+  def train_chunk(state: TrainState, data: Batch, start, num_steps) -> TrainState:
+    """`num_steps` train steps on batches start, start+1, ... of `data` [S, B, ...].
 
     `start` and `num_steps` are runtime values, so one compiled program serves every chunk
     length (checkpoint intervals, a resume mid-epoch, the short last chunk of a stream).
     """
-    unroll = config.scan_unroll
-
     def step_at(i, state):
       batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, start + i, keepdims=False),
-                           epoch_data)
+                           data)
       return train_step(state, batch)
 
     def block(j, state):  # `unroll` steps per loop iteration: less loop overhead on a CPU.
@@ -156,31 +179,21 @@ def make_steps(config, graphdef) -> Steps:
     state = jax.lax.fori_loop(0, blocks, block, state)
     return jax.lax.fori_loop(blocks * unroll, num_steps, step_at, state)
 
-  def shuffle(rng, epoch, images, labels, batch_size: int) -> Batch:
-    """This epoch's batches [steps, B, ...]: a permutation, padded up to whole batches.
+  return train_chunk
 
-    Every example appears exactly once; the padding rows repeat early examples with mask 0 (the
-    last batch is partial, as in Keras), so no example is dropped. Gathering rows of flat
-    [N, 784] images is about twice as fast as gathering [N, 28, 28] ones.
-    """
-    n = labels.shape[0]
-    steps = -(-n // batch_size)
-    # One sort of random 32-bit keys: on a CPU half the cost of jax.random.permutation's two
-    # sorting rounds. A tie (about one pair per epoch of 60,000) keeps its index order.
-    perm = jnp.argsort(jax.random.bits(jax.random.fold_in(rng, epoch), (n,)))
-    order = jnp.concatenate([perm, perm[:steps * batch_size - n]]).reshape(steps, batch_size)
-    mask = (jnp.arange(steps * batch_size) < n).astype(jnp.float32).reshape(steps, batch_size)
-    return {'image': images[order], 'label': labels[order], 'mask': mask}
+
+def _evaluate_fn(config, logits_fn) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  multi = config.num_models > 1
+
+  def sums(p, batch):
+    logits = logits_fn(p, batch['image'])
+    return (metrics.cross_entropy_sum(logits, batch['label'], batch['mask']),
+            metrics.correct_sum(logits, batch['label'], batch['mask']))
+  if multi:
+    sums = jax.vmap(sums, in_axes=(0, None))
 
   def evaluate(params, test: Batch) -> tuple[jax.Array, jax.Array]:
     """Summed loss and correct count over padded test batches [S, B, ...] (mask skips padding)."""
-    def sums(p, batch):
-      logits = logits_fn(p, batch['image'])
-      return (metrics.cross_entropy_sum(logits, batch['label'], batch['mask']),
-              metrics.correct_sum(logits, batch['label'], batch['mask']))
-    if multi:
-      sums = jax.vmap(sums, in_axes=(0, None))
-
     def body(carry, batch):
       loss, correct = sums(params, batch)
       return (carry[0] + loss, carry[1] + correct), None
@@ -188,8 +201,4 @@ def make_steps(config, graphdef) -> Steps:
     (loss, correct), _ = jax.lax.scan(body, (zero, zero), test)
     return loss, correct
 
-  def params_finite(params) -> jax.Array:
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-
-  return Steps(train_step=train_step, train_chunk=train_chunk, shuffle=shuffle,
-               evaluate=evaluate, logits=logits_fn, params_finite=params_finite)
+  return evaluate

@@ -1,14 +1,13 @@
 """Command line: python -m fmnist_jax.train --config configs/base.py [--config.x=y] [--workdir DIR]
+[--fresh]
 
-Only flag parsing lives here; the work is fmnist_jax.trainer.train_and_evaluate.
+Only flag parsing lives here; the work is fmnist_jax.loop.train_and_evaluate.
 
-Without --workdir, the workdir is derived from the command: workdirs/<config file name>, plus each
---config override that changes the result, plus the device count when it is not 1, e.g.
-workdirs/base, workdirs/base,input_mode=tfds, workdirs/base,8devices. The same command lands in
-the same workdir (and resumes); another command never reuses its finished run.
+Without --workdir, the workdir is named after the config file and every field that changes the
+result from the file's own values, plus the device count when it is not 1: workdirs/base,
+workdirs/base,input_mode=tfds, workdirs/base,8devices. The same config lands in the same workdir
+(and resumes); another config never reuses its finished run.
 """
-
-import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -21,20 +20,23 @@ _CONFIG = config_flags.DEFINE_config_file(
     '--config.num_epochs=10 etc.', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output folder (checkpoints, metrics, summary, figures). Default: derived '
-    'from the command, e.g. workdirs/base or workdirs/base,num_epochs=10.')
+    'from the config, e.g. workdirs/base or workdirs/base,num_epochs=10.')
+_FRESH = flags.DEFINE_bool(
+    'fresh', False, "Delete the workdir's checkpoints (and damaged ones) first and start over.")
+
 
 def main(argv):
   del argv
   # JAX is imported here, not above, so that --help and flag errors stay instant.
-  from fmnist_jax import distributed, trainer  # pylint: disable=g-import-not-at-top
+  from fmnist_jax import distributed, loop  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value
   if not workdir:
     distributed.initialize(_CONFIG.value.distributed)  # Before the device count is read.
     import jax  # pylint: disable=g-import-not-at-top
-    workdir = workdir_lib.default_for_command(
-        config_flags.get_config_filename(flags.FLAGS['config']), sys.argv, jax.device_count(),
-        jax.process_count())
-  trainer.train_and_evaluate(_CONFIG.value, workdir)
+    workdir = workdir_lib.default_for_config(
+        config_flags.get_config_filename(flags.FLAGS['config']), _CONFIG.value,
+        jax.device_count(), jax.process_count())
+  loop.train_and_evaluate(_CONFIG.value, workdir, fresh=_FRESH.value)
 
 
 if __name__ == '__main__':

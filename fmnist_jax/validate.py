@@ -18,14 +18,14 @@ def _positive(config, name: str, kind=(int,)):
 
 
 _EXAMPLES = {'num_epochs': 5, 'batch_size': 32, 'eval_batch_size': 1000, 'learning_rate': 0.001,
-             'num_models': 1, 'max_checkpoints_to_keep': 2, 'scan_unroll': 4, 'num_classes': 10,
+             'num_models': 1, 'max_checkpoints_to_keep': 2, 'loop_unroll': 4, 'num_classes': 10,
              'stream_chunk_steps': 256}
 
 
 def validate_config(config) -> None:
   """Raises UserError naming the first bad field and a value that works."""
   for name in ('num_epochs', 'batch_size', 'eval_batch_size', 'num_models',
-               'max_checkpoints_to_keep', 'scan_unroll', 'stream_chunk_steps'):
+               'max_checkpoints_to_keep', 'loop_unroll', 'stream_chunk_steps'):
     _positive(config, name)
   _positive(config, 'learning_rate', (int, float))
   if config.batch_size > TRAIN_EXAMPLES:
@@ -44,7 +44,7 @@ def validate_config(config) -> None:
   if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
     raise UserError(f'hidden_sizes={sizes} must be positive integers, e.g. '
                     "--config.hidden_sizes='(128,)'.")
-  for name in ('chunk_steps', 'checkpoint_every_steps'):
+  for name in ('check_every_steps', 'checkpoint_every_steps', 'profile_steps'):
     if not isinstance(config[name], int) or config[name] < 0:
       raise UserError(f'{name}={config[name]!r} must be 0 (once per epoch) or a positive '
                       'number of steps.')

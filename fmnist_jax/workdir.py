@@ -20,7 +20,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import socket
 import sys
 import tempfile
@@ -79,33 +78,13 @@ def path(workdir: str, name: str) -> str:
   return os.path.join(workdir, name)
 
 
-# Overrides that change where data comes from or what is shown, not the result: not in the name.
-NEUTRAL_FIELDS = ('progress', 'tensorboard', 'fresh', 'compile_cache_dir', 'data.data_dir',
-                  'data.manual_dir', 'data.download', 'distributed.coordinator_address',
-                  'distributed.num_processes', 'distributed.process_id')
-
-
-def overrides(argv: list[str]) -> list[str]:
-  """The `field=value` of each --config.field override in `argv`, in order, last one winning."""
-  found = {}
-  for i, arg in enumerate(argv):
-    match = re.fullmatch(r'--config\.([\w.]+)(?:=(.*))?', arg)
-    if not match:
-      continue
-    value = match.group(2)
-    if value is None:  # `--config.x value` (or a bare boolean flag).
-      value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith('--') else 'True'
-    found.pop(match.group(1), None)
-    found[match.group(1)] = value
-  return [f'{k}={v}' for k, v in found.items() if k not in NEUTRAL_FIELDS]
-
-
-def default_for_command(config_path: str, argv: list[str], devices: int, processes: int) -> str:
-  """The default workdir of a train command:
-  workdirs/<config name>[,<override>...][,<N>devices][,<P>processes]."""
+def default_for_config(config_path: str, config, devices: int, processes: int) -> str:
+  """The default workdir of a training: workdirs/<config file name>[,<field=value>...][,<N>devices]
+  [,<P>processes], naming each field that shapes the result where the final config differs from
+  the config file's own values (fmnist_jax/fields.py): equal configs share a folder."""
+  from fmnist_jax import config_files, fields  # pylint: disable=g-import-not-at-top
   parts = [os.path.splitext(os.path.basename(config_path))[0]]
-  # '(256,128)' -> '256_128': commas separate the parts, brackets and quotes add nothing.
-  parts += [re.sub(r'[^\w.=+-]', '', re.sub(r'[/,\s]+', '_', o)) for o in overrides(argv)]
+  parts += fields.name_parts(config, config_files.load(config_path))
   if devices != 1:
     parts.append(f'{devices}devices')
   if processes != 1:

@@ -1,0 +1,336 @@
+"""The training loop: train_and_evaluate(config, workdir) -> summary dict.
+
+Every epoch is one loop over chunks of batches, run by one compiled program (`train_chunk`, many
+fused steps); only where the chunks come from differs by input mode:
+- 'device': the uint8 train set lives on the accelerator(s); each epoch is shuffled there and the
+  whole shuffled epoch is the chunk.
+- 'stream' and 'tfds': chunks of [K, B, ...] batches from the host (numpy, or the tf.data
+  pipeline), put on the devices by a background thread while the previous chunk trains.
+The host steps in only at stops (plan.py): checks, checkpoints, progress, agreed stop signals.
+
+Outputs (outputs.py; file names in workdir.py): checkpoints/ (orbax, resumable), metrics.jsonl,
+summary.json, config.json and TensorBoard event files.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from fmnist_jax import checkpoint as checkpoint_lib
+from fmnist_jax import data as data_lib
+from fmnist_jax import distributed
+from fmnist_jax import fields
+from fmnist_jax import outputs as outputs_lib
+from fmnist_jax import prefetch
+from fmnist_jax import programs as programs_lib
+from fmnist_jax import steps as steps_lib
+from fmnist_jax import timing
+from fmnist_jax import workdir as workdir_lib
+from fmnist_jax.errors import DivergenceError, Interrupted, UserError
+from fmnist_jax.plan import RunPlan
+from fmnist_jax.signals import StopSignals
+from fmnist_jax.validate import validate_config
+
+
+def train_and_evaluate(config, workdir: str, fresh: bool = False) -> dict:
+  """Validates the config, trains (or resumes) in `workdir`, and returns the summary dict.
+
+  Args:
+    config: a ConfigDict like configs/base.py's.
+    workdir: the run's folder; an existing run there is resumed (or reported, if finished).
+    fresh: delete the workdir's checkpoints first and start over.
+
+  Raises:
+    UserError: for bad config, data or workdir, a full disk, another training in the same
+      workdir, or checkpoints that exist but cannot be restored (the CLI prints one line).
+    DivergenceError: for a non-finite loss or gradient.
+    Interrupted: after SIGTERM / SIGINT on any process, once a checkpoint is saved.
+  """
+  validate_config(config)
+  workdir = workdir_lib.prepare(workdir)
+  distributed.initialize(config.distributed)
+  programs_lib.use_compile_cache(config.compile_cache_dir)
+  with distributed.one_writer(workdir_lib.Lock(workdir)), workdir_lib.storage_errors(workdir):
+    if fresh and distributed.is_main_process():
+      checkpoint_lib.remove(workdir)
+    distributed.barrier('fresh')  # Nobody opens the checkpoints while process 0 deletes them.
+    return _run(config, workdir)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What every part of one run shares; built once by _run."""
+  config: Any
+  workdir: str
+  plan: RunPlan
+  mesh: Any
+  graphdef: Any
+  compiled: programs_lib.Compiled
+  ckpt: checkpoint_lib.Checkpointer
+  out: outputs_lib.Outputs
+  signals: StopSignals
+
+  def save(self, state, history: list[dict]) -> None:
+    check_finite(self, state)  # Never write a checkpoint of a diverged state.
+    self.ckpt.save(state, {'step': int(state.step), 'config': fingerprint(self.config),
+                           'history': history})
+
+
+def fingerprint(config) -> dict:
+  """What a checkpoint must match to be resumed: the fields that shape the numbers and the device
+  layout (another device or process count changes the order of the sums, hence the numbers)."""
+  return {**fields.resume_fingerprint(config), 'devices': jax.device_count(),
+          'processes': jax.process_count()}
+
+
+def check_compatible(ckpt: checkpoint_lib.Checkpointer, config) -> None:
+  """Raises UserError naming every field where the newest record and `config` differ. Checked on
+  the record alone, so an incompatible config never makes a good checkpoint look damaged."""
+  record = ckpt.newest_record()
+  if record is None:
+    return
+  saved, now = record['config'], fingerprint(config)
+  diff = [f'{k} (checkpoint {saved.get(k)!r}, now {v!r})' for k, v in now.items()
+          if saved.get(k) != v]
+  if diff:
+    raise UserError(f'the checkpoint in {ckpt.directory} was made with a different setup: '
+                    f'{"; ".join(diff)}. Use the same config and devices to resume, another '
+                    '--workdir, or --fresh to start over.')
+
+
+def _run(config, workdir: str) -> dict:
+  started = timing.process_start_time()
+  main = distributed.is_main_process()
+  data_start = time.perf_counter()
+  arrays = _load_data(config, main)
+  data_seconds = time.perf_counter() - data_start
+  distributed.check_divisible(config.batch_size)
+  plan = RunPlan.create(config, len(arrays['train']['label']), len(arrays['test']['label']),
+                        jax.device_count())
+  mesh = distributed.make_mesh()
+  graphdef, state = steps_lib.init_state(config)
+  state = jax.device_put(state, distributed.replicated(mesh))
+  ckpt = checkpoint_lib.Checkpointer(workdir, config.max_checkpoints_to_keep)
+  out = outputs_lib.Outputs(workdir, config, main)
+  try:
+    check_compatible(ckpt, config)
+    restored = ckpt.restore(state)
+    history = []
+    if restored is not None:
+      state, history = restored[0], restored[1]['history']
+    if int(state.step) >= plan.total_steps:
+      summary = out.finished_summary(int(state.step), plan.total_steps)
+      if summary is not None:
+        return summary
+    elif history or int(state.step):
+      out.log(f'Resuming from the checkpoint at step {int(state.step)} '
+              f'({plan.position(int(state.step))}).')
+    plan = plan.with_profile_window(int(state.step), config.profile_steps)
+    progs = programs_lib.programs(config, mesh, plan, graphdef)
+    if not config.tensorboard:
+      del progs['predict']  # Only the TensorBoard figure uses it.
+    compiled = programs_lib.compile_all(progs)
+    run = Run(config, workdir, plan, mesh, graphdef, compiled, ckpt, out, StopSignals())
+    out.start(history)
+    return _train(run, state, history, arrays,
+                  {'started': started, 'data_seconds': data_seconds})
+  finally:
+    ckpt.close()
+    out.close()
+
+
+def _load_data(config, main: bool):
+  """The decoded arrays; process 0 prepares the data first, the others then read its copy."""
+  if not main:
+    distributed.barrier('data')
+  arrays = data_lib.load(config.data, verbose=main)
+  if main:
+    distributed.barrier('data')
+  return arrays
+
+
+def _train(run: Run, state, history: list[dict], arrays, times: dict) -> dict:
+  config, plan = run.config, run.plan
+  test = test_batches(run, arrays['test'])
+  chunks = (device_chunks(run, arrays['train']) if config.input_mode == 'device'
+            else host_chunks(run))
+  train_seconds = eval_seconds = 0.0
+  steps_run = plan.total_steps - int(state.step)
+  first_step_at = time.time()
+  with run.signals.installed():
+    while int(state.step) < plan.total_steps:
+      epoch = plan.epoch_of(int(state.step))
+      start = time.perf_counter()
+      state, stop = run_epoch(run, state, history, epoch, chunks)
+      seconds = time.perf_counter() - start
+      train_seconds += seconds
+      start = time.perf_counter()
+      test_sums = jax.device_get(run.compiled['evaluate'](state.params, test))
+      eval_seconds += time.perf_counter() - start
+      state, entry = end_epoch(run, state, epoch, seconds, test_sums)
+      history.append(entry)
+      run.save(state, history)
+      run.out.epoch(entry, plan.steps_per_epoch)
+      if stop and int(state.step) < plan.total_steps:
+        raise interrupted(run, state)  # The epoch-end checkpoint is already saved.
+  summary = outputs_lib.make_summary(run, state, history, arrays['test'], steps_run, {
+      'train_seconds': train_seconds, 'eval_seconds': eval_seconds,
+      'compile_seconds': run.compiled.seconds, 'data_seconds': times['data_seconds'],
+      'startup_seconds': first_step_at - run.compiled.seconds - times['started'],
+      'compile_cache_hit': run.compiled.cache_hit})
+  if config.tensorboard:
+    run.out.prediction_images(_first_predictions(run, state, arrays['test']), plan.num_epochs)
+  run.ckpt.wait()  # The summary says the run is finished only once its checkpoint is on disk.
+  summary['total_seconds'] = time.time() - times['started']
+  run.out.finish(summary)
+  return summary
+
+
+def _first_predictions(run: Run, state, test) -> tuple:
+  """(images, probabilities, labels) of the first 15 test images, for TensorBoard."""
+  images = data_lib.pad_batch({'image': test['image'][:15], 'label': test['label'][:15]},
+                              run.plan.eval_batch_size)['image']
+  probs = run.compiled['predict'](
+      state.params, distributed.put(images, distributed.batch_sharded(run.mesh)))
+  return test['image'][:15], distributed.to_host(probs)[:15], test['label'][:15]
+
+
+# Chunks and epochs -------------------------------------------------------------------------------
+
+# (state, epoch, steps of the epoch already done) -> (data [S, B, ...], first batch, batches).
+ChunkSource = Callable[[Any, int, int], Iterator[tuple[dict, int, int]]]
+
+
+def device_chunks(run: Run, train) -> ChunkSource:
+  """The device mode: the train set resident on the devices, each epoch shuffled there."""
+  sharding = distributed.dataset_sharding(run.mesh, len(train['label']))
+  images = distributed.put(train['image'].reshape(len(train['image']), -1), sharding)
+  labels = distributed.put(train['label'], sharding)
+  spe = run.plan.steps_per_epoch
+
+  def chunks(state, epoch, done):
+    yield run.compiled['shuffle'](state.rng, np.int32(epoch), images, labels), done, spe - done
+  return chunks
+
+
+def host_chunks(run: Run) -> ChunkSource:
+  """The stream and tfds modes: [K, B, ...] chunks from the host, each process reading its rows
+  of every global batch, put on the devices by a background thread."""
+  config, plan = run.config, run.plan
+  stream = (data_lib.HostStream if config.input_mode == 'stream' else data_lib.TfdsStream)(
+      config.data, 'train')
+  sharding = distributed.batch_sharded(run.mesh, 1)
+
+  def chunks(state, epoch, done):
+    del state
+    host = stream.chunks(config.batch_size, plan.stream_chunk_steps,
+                         shuffle_seed=epoch_seed(config.seed, epoch), skip_batches=done,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+    yield from prefetch.background(
+        (distributed.put_local_batch(chunk, sharding), 0, n) for chunk, n in host)
+  return chunks
+
+
+def run_epoch(run: Run, state, history, epoch: int, chunks: ChunkSource):
+  """Runs the rest of `epoch`, chunk by chunk, in pieces that end at the plan's stops; returns
+  (state, whether to stop)."""
+  plan, program = run.plan, run.compiled['train_chunk']
+  step = int(state.step)
+  started = time.perf_counter()
+  for data, first, count in chunks(state, epoch, step - epoch * plan.steps_per_epoch):
+    offset = first
+    while offset < first + count:
+      n = min(first + count - offset, plan.next_stop(step) - step)
+      run.out.profile(step, n, plan)
+      state = program(state, data, np.int32(offset), np.int32(n))
+      step, offset = step + n, offset + n
+      if step == plan.next_stop(step - n) and after_stop(run, state, history, epoch, started):
+        return state, True
+  return state, False
+
+
+def after_stop(run: Run, state, history: list[dict], epoch: int, epoch_started: float) -> bool:
+  """Divergence check, mid-epoch checkpoint, agreed stop and progress; True when stopping.
+
+  Every process calls it at the same steps, so the stop decision is collective and identical.
+  """
+  step = int(state.step)  # Waits for the chunk to finish.
+  check_finite(run, state)
+  at_epoch_end = step % run.plan.steps_per_epoch == 0
+  stop = run.signals.agreed()
+  if not at_epoch_end and (stop or run.plan.checkpoint_due(step)):
+    run.save(state, history)
+  if stop and not at_epoch_end:
+    raise interrupted(run, state)
+  if not at_epoch_end:
+    run.out.progress(epoch, step - epoch * run.plan.steps_per_epoch, run.plan.steps_per_epoch,
+                     time.perf_counter() - epoch_started)
+  return stop  # At an epoch end the epoch's checkpoint comes first; the loop stops after it.
+
+
+def end_epoch(run: Run, state, epoch: int, seconds: float, test_sums):
+  """Turns the epoch's running sums into an entry for metrics.jsonl and resets them."""
+  loss_sum, correct, count = jax.device_get((state.loss_sum, state.correct, state.count))
+  test_loss, test_correct = test_sums
+  num_test = run.plan.num_test
+  per_model = {
+      'train_loss': np.atleast_1d(loss_sum / count),
+      'train_accuracy': np.atleast_1d(correct / count),
+      'test_loss': np.atleast_1d(test_loss / num_test),
+      'test_accuracy': np.atleast_1d(test_correct / num_test)}
+  steps_done = int(state.step) - epoch * run.plan.steps_per_epoch  # The whole epoch, even resumed.
+  entry = {'epoch': epoch + 1, 'step': int(state.step),
+           **{k: float(np.mean(v)) for k, v in per_model.items()},
+           'seconds': seconds, 'steps_per_second': steps_done / seconds if seconds else None}
+  if run.config.num_models > 1:
+    entry['per_model'] = {k: [float(x) for x in v] for k, v in per_model.items()}
+  # Fresh buffers for each field: the state is donated, and one buffer may not be donated twice.
+  repl = distributed.replicated(run.mesh)
+  zeros = lambda a: jax.device_put(np.zeros(a.shape, a.dtype), repl)
+  state = state.replace(loss_sum=zeros(state.loss_sum), correct=zeros(state.correct),
+                        count=zeros(state.count))
+  return state, entry
+
+
+def check_finite(run: Run, state) -> None:
+  """Raises DivergenceError at the first non-finite loss, or non-finite parameters."""
+  bad = int(state.first_nonfinite)
+  if bad < 0 and not bool(run.compiled['finite'](state.params)):
+    bad = int(state.step) - 1  # A non-finite gradient in the chunk's last step.
+  if bad >= 0:
+    last = run.ckpt.latest_step()
+    kept = f'the last good checkpoint (step {last}) is kept' if last is not None else (
+        'no checkpoint was written')
+    spe = run.plan.steps_per_epoch
+    raise DivergenceError(
+        f'non-finite loss or parameters at epoch {bad // spe + 1}, step {bad % spe + 1} (global '
+        f'step {bad + 1}); training stopped and {kept}. Lower --config.learning_rate (now '
+        f'{run.config.learning_rate}); if it diverged right after resuming, that checkpoint may '
+        'be damaged: move it aside or start over with --fresh.')
+
+
+def interrupted(run: Run, state) -> Interrupted:
+  step = int(state.step)
+  return Interrupted(f'{run.signals.received or "a stop signal on another process"} received: '
+                     f'stopped at step {step} (epoch {(step - 1) // run.plan.steps_per_epoch + 1})'
+                     f' and saved a checkpoint in {run.ckpt.directory}; run the same command '
+                     'again to resume.')
+
+
+def test_batches(run: Run, test) -> dict:
+  """The test set as padded batches [S, B, ...] on the devices, split over the data axis."""
+  plan = run.plan
+  padded = data_lib.pad_batch(test, plan.test_batches * plan.eval_batch_size)
+  sharding = distributed.batch_sharded(run.mesh, 1)
+  return {k: distributed.put(v.reshape((-1, plan.eval_batch_size) + v.shape[1:]), sharding)
+          for k, v in padded.items()}
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """The host shuffle seed of one epoch (stream and tfds modes): fixed, so a resumed epoch
+  replays it."""
+  return (seed * 1_000_003 + epoch) % (2**31 - 1)

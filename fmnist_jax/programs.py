@@ -1,0 +1,177 @@
+"""The compiled programs of a run, built in one place: the trainer runs them, the export lowers them
+and the TPU/GPU checks compile them for chips this machine does not have.
+
+    progs = programs(config, mesh, plan)       # {name: Program}, nothing traced yet
+    compiled = compile_all(progs)              # ahead of time, timed, through JAX's cache
+
+Names: 'train_chunk' (many fused steps over batches [S, B, ...]: the shuffled epoch in the device
+mode, a host chunk [K, B, ...] in the stream and tfds modes), 'train_step' (one step: its cost is a
+step's flops), 'shuffle' (device mode), 'evaluate', 'predict' and 'finite'. Every argument is a
+ShapeDtypeStruct with the sharding the trainer gives it: replicated state, batch-sharded data.
+
+Compiled programs survive the process in JAX's persistent compilation cache
+(`config.compile_cache_dir`; 'auto' = ~/.cache/fmnist_jax/jax), keyed by the lowered program, so a
+rerun skips XLA's compilation.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+from fmnist_jax import IMAGE_PIXELS, IMAGE_SIZE
+from fmnist_jax import distributed
+from fmnist_jax import inference
+from fmnist_jax import steps as steps_lib
+from fmnist_jax.plan import RunPlan
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """A jitted function with the specs of its arguments (static ones in `kwargs`)."""
+  jitted: Callable
+  args: tuple
+  kwargs: dict = dataclasses.field(default_factory=dict)
+  donated: bool = False  # Whether the first argument (the train state) is donated.
+
+  def lower(self):
+    return self.jitted.lower(*self.args, **self.kwargs)
+
+
+def _spec(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def _batches(mesh, steps: int, batch: int, flat: bool = False) -> dict:
+  """Specs of `steps` batches [steps, batch, ...] (or one batch [batch, ...] for steps=0), their
+  rows split over the devices."""
+  image = (IMAGE_PIXELS,) if flat else (IMAGE_SIZE, IMAGE_SIZE)
+  lead = (steps,) if steps else ()
+  sharding = distributed.batch_sharded(mesh, len(lead))
+  return {'image': _spec(lead + (batch,) + image, jnp.uint8, sharding),
+          'label': _spec(lead + (batch,), jnp.int32, sharding),
+          'mask': _spec(lead + (batch,), jnp.float32, sharding)}
+
+
+def abstract_state(config) -> steps_lib.TrainState:
+  """The train state's shapes and dtypes, without computing it."""
+  return jax.eval_shape(lambda: steps_lib._init_state(config)[1])  # pylint: disable=protected-access
+
+
+def programs(config, mesh, plan: RunPlan, graphdef=None) -> dict[str, Program]:
+  """Every program the trainer runs for `config` on `mesh`, with its argument specs."""
+  graphdef = graphdef if graphdef is not None else steps_lib.model_lib.graphdef(config)
+  steps = steps_lib.make_steps(config, graphdef)
+  repl, rows = distributed.replicated(mesh), distributed.batch_sharded(mesh, 1)
+  state = jax.tree.map(lambda a: _spec(a.shape, a.dtype, repl), abstract_state(config))
+  scalar = _spec((), jnp.int32, repl)
+  b = config.batch_size
+  if config.input_mode == 'device':  # The shuffled epoch, flat images (a faster gather).
+    data = _batches(mesh, plan.steps_per_epoch, b, flat=True)
+  else:  # A host chunk.
+    data = _batches(mesh, plan.stream_chunk_steps, b)
+  progs = {
+      # start and num_steps are runtime values: one program for every chunk length.
+      'train_chunk': Program(jax.jit(steps.train_chunk, donate_argnums=0),
+                             (state, data, scalar, scalar), donated=True),
+      'train_step': Program(jax.jit(steps.train_step), (state, _batches(mesh, 0, b))),
+      'evaluate': Program(jax.jit(steps.evaluate),
+                          (state.params, _batches(mesh, plan.test_batches, plan.eval_batch_size))),
+      'predict': Program(jax.jit(inference.make_probs_fn(config, graphdef)),
+                         (state.params, _batches(mesh, 0, plan.eval_batch_size)['image'])),
+      'finite': Program(jax.jit(steps_lib.params_finite), (state.params,)),
+  }
+  if config.input_mode == 'device':
+    dataset = distributed.dataset_sharding(mesh, plan.num_train)
+    progs['shuffle'] = Program(
+        jax.jit(steps_lib.shuffle, static_argnames='batch_size', out_shardings=rows),
+        (state.rng, scalar, _spec((plan.num_train, IMAGE_PIXELS), jnp.uint8, dataset),
+         _spec((plan.num_train,), jnp.int32, dataset)), {'batch_size': b})
+  return progs
+
+
+# Compilation, timed, through JAX's persistent cache ----------------------------------------------
+
+
+def cache_folder(setting: str) -> str:
+  """The compile cache folder of `config.compile_cache_dir` ('auto', a path, or '' = off)."""
+  if setting == 'auto':
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+    return os.path.join(base, 'fmnist_jax', 'jax')
+  return os.path.expanduser(setting)
+
+
+def use_compile_cache(setting: str) -> str:
+  """Turns JAX's persistent compilation cache on in that folder (or off with ''); returns the
+  folder in use ('' when off or not creatable: a cache only ever costs compile time)."""
+  folder = cache_folder(setting)
+  if folder:
+    try:
+      os.makedirs(folder, exist_ok=True)
+    except OSError:
+      folder = ''
+  if getattr(jax.config, 'jax_compilation_cache_dir', None) != (folder or None):
+    # JAX opens its cache once, in the folder set then: a later run in the same process (a
+    # notebook, a test) with another folder makes it open that one.
+    jax_cache.reset_cache()
+  jax.config.update('jax_compilation_cache_dir', folder or None)
+  jax.config.update('jax_enable_compilation_cache', bool(folder))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  _listen_once()
+  return folder
+
+
+_EVENTS = {'/jax/compilation_cache/cache_hits': 0,
+           '/jax/compilation_cache/compile_requests_use_cache': 0}
+
+
+def _count(event: str, **kwargs) -> None:
+  del kwargs
+  if event in _EVENTS:
+    _EVENTS[event] += 1
+
+
+def _listen_once() -> None:
+  if not getattr(_count, 'registered', False):
+    jax.monitoring.register_event_listener(_count)
+    _count.registered = True
+
+
+@dataclasses.dataclass
+class Compiled:
+  """Compiled programs by name, the seconds compiling took, and whether JAX's cache held all."""
+  programs: dict[str, Any]
+  seconds: float
+  cache_hit: bool | None  # None with the cache off.
+
+  def __getitem__(self, name: str):
+    return self.programs[name]
+
+
+def compile_all(progs: dict[str, Program], names=None) -> Compiled:
+  """Compiles `names` (default: all) ahead of time, so compile time is kept apart from training."""
+  before = dict(_EVENTS)
+  start = time.perf_counter()
+  compiled = {name: progs[name].lower().compile() for name in (names or progs)}
+  seconds = time.perf_counter() - start
+  requests, hits = (_EVENTS[k] - before[k] for k in (
+      '/jax/compilation_cache/compile_requests_use_cache', '/jax/compilation_cache/cache_hits'))
+  on = bool(getattr(jax.config, 'jax_compilation_cache_dir', None))
+  return Compiled(compiled, seconds, (requests > 0 and hits == requests) if on else None)
+
+
+def step_flops(compiled_step) -> float | None:
+  """The flops of one train step from XLA's cost analysis of the compiled one-step program."""
+  try:
+    cost = compiled_step.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  (a backend without cost analysis)
+    return None
+  if isinstance(cost, (list, tuple)):  # jax < 0.4.30 returned one dict per device.
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
