@@ -56,7 +56,7 @@ def load_arrays():
 def run_fmnist_jax(mode, batch_size, epochs, num_models=1):
   """fmnist_jax's own trainer (imported, not copied): per-epoch times from its metrics."""
   import tempfile  # pylint: disable=g-import-not-at-top
-  from fmnist_jax import trainer  # pylint: disable=g-import-not-at-top
+  from fmnist_jax import loop  # pylint: disable=g-import-not-at-top
   config = base_config()
   config.input_mode = mode
   config.batch_size = batch_size
@@ -67,7 +67,7 @@ def run_fmnist_jax(mode, batch_size, epochs, num_models=1):
   if 'compile_cache_dir' in config:
     config.compile_cache_dir = ''  # Every process compiles: throughput runs measure the same work.
   with tempfile.TemporaryDirectory() as workdir:
-    summary = trainer.train_and_evaluate(config, workdir)
+    summary = loop.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       history = [json.loads(line) for line in f]
   return {'epochs': [{'seconds': h['seconds'], 'test_accuracy': h['test_accuracy']}

@@ -135,8 +135,7 @@ class Checkpointer:
     return None
 
   def _restore(self, step: int, template) -> tuple[Any, dict]:
-    abstract = as_tree(jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), template))
+    abstract = as_tree(jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
     state, record = from_tree(restored['state'], template), restored['record']
@@ -212,3 +211,19 @@ def remove(workdir: str) -> None:
     folder = workdir_lib.path(workdir, name)
     if os.path.isdir(folder) and not os.path.islink(folder):
       shutil.rmtree(folder)
+
+
+def check_compatible(ckpt: Checkpointer, now: dict) -> None:
+  """Raises UserError naming every field where the newest record and the fingerprint `now`
+  differ. Checked on the record alone, so an incompatible config never makes a good checkpoint
+  look damaged."""
+  record = ckpt.newest_record()
+  if record is None:
+    return
+  saved = record['config']
+  diff = [f'{k} (checkpoint {saved.get(k)!r}, now {v!r})' for k, v in now.items()
+          if saved.get(k) != v]
+  if diff:
+    raise UserError(f'the checkpoint in {ckpt.directory} was made with a different setup: '
+                    f'{"; ".join(diff)}. Use the same config and devices to resume, another '
+                    '--workdir, or --fresh to start over.')

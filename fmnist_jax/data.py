@@ -420,6 +420,12 @@ class HostStream:
       yield {k: v[rows] for k, v in batch.items()}
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+  """The host shuffle seed of one epoch (stream and tfds modes): fixed, so a resumed epoch
+  replays it."""
+  return (seed * 1_000_003 + epoch) % (2**31 - 1)
+
+
 def _stack_chunks(batches, chunk_batches: int):
   """(chunk [K, local, ...], n real batches) from an iterator of padded batches."""
   while True:

@@ -24,6 +24,7 @@ from fmnist_jax import checkpoint as checkpoint_lib
 from fmnist_jax import data as data_lib
 from fmnist_jax import distributed
 from fmnist_jax import fields
+from fmnist_jax import metrics
 from fmnist_jax import outputs as outputs_lib
 from fmnist_jax import prefetch
 from fmnist_jax import programs as programs_lib
@@ -87,21 +88,6 @@ def fingerprint(config) -> dict:
           'processes': jax.process_count()}
 
 
-def check_compatible(ckpt: checkpoint_lib.Checkpointer, config) -> None:
-  """Raises UserError naming every field where the newest record and `config` differ. Checked on
-  the record alone, so an incompatible config never makes a good checkpoint look damaged."""
-  record = ckpt.newest_record()
-  if record is None:
-    return
-  saved, now = record['config'], fingerprint(config)
-  diff = [f'{k} (checkpoint {saved.get(k)!r}, now {v!r})' for k, v in now.items()
-          if saved.get(k) != v]
-  if diff:
-    raise UserError(f'the checkpoint in {ckpt.directory} was made with a different setup: '
-                    f'{"; ".join(diff)}. Use the same config and devices to resume, another '
-                    '--workdir, or --fresh to start over.')
-
-
 def _run(config, workdir: str) -> dict:
   started = timing.process_start_time()
   main = distributed.is_main_process()
@@ -117,7 +103,7 @@ def _run(config, workdir: str) -> dict:
   ckpt = checkpoint_lib.Checkpointer(workdir, config.max_checkpoints_to_keep)
   out = outputs_lib.Outputs(workdir, config, main)
   try:
-    check_compatible(ckpt, config)
+    checkpoint_lib.check_compatible(ckpt, fingerprint(config))
     restored = ckpt.restore(state)
     history = []
     if restored is not None:
@@ -176,27 +162,19 @@ def _train(run: Run, state, history: list[dict], arrays, times: dict) -> dict:
       run.save(state, history)
       run.out.epoch(entry, plan.steps_per_epoch)
       if stop and int(state.step) < plan.total_steps:
-        raise interrupted(run, state)  # The epoch-end checkpoint is already saved.
+        raise run.signals.error(int(state.step), run.plan.steps_per_epoch, run.ckpt.directory)  # The epoch-end checkpoint is already saved.
   summary = outputs_lib.make_summary(run, state, history, arrays['test'], steps_run, {
       'train_seconds': train_seconds, 'eval_seconds': eval_seconds,
       'compile_seconds': run.compiled.seconds, 'data_seconds': times['data_seconds'],
       'startup_seconds': first_step_at - run.compiled.seconds - times['started'],
       'compile_cache_hit': run.compiled.cache_hit})
   if config.tensorboard:
-    run.out.prediction_images(_first_predictions(run, state, arrays['test']), plan.num_epochs)
+    run.out.prediction_images(run.compiled['predict'], state.params, arrays['test'], run.mesh,
+                              plan.eval_batch_size)
   run.ckpt.wait()  # The summary says the run is finished only once its checkpoint is on disk.
   summary['total_seconds'] = time.time() - times['started']
   run.out.finish(summary)
   return summary
-
-
-def _first_predictions(run: Run, state, test) -> tuple:
-  """(images, probabilities, labels) of the first 15 test images, for TensorBoard."""
-  images = data_lib.pad_batch({'image': test['image'][:15], 'label': test['label'][:15]},
-                              run.plan.eval_batch_size)['image']
-  probs = run.compiled['predict'](
-      state.params, distributed.put(images, distributed.batch_sharded(run.mesh)))
-  return test['image'][:15], distributed.to_host(probs)[:15], test['label'][:15]
 
 
 # Chunks and epochs -------------------------------------------------------------------------------
@@ -228,7 +206,7 @@ def host_chunks(run: Run) -> ChunkSource:
   def chunks(state, epoch, done):
     del state
     host = stream.chunks(config.batch_size, plan.stream_chunk_steps,
-                         shuffle_seed=epoch_seed(config.seed, epoch), skip_batches=done,
+                         shuffle_seed=data_lib.epoch_seed(config.seed, epoch), skip_batches=done,
                          process_index=jax.process_index(), process_count=jax.process_count())
     yield from prefetch.background(
         (distributed.put_local_batch(chunk, sharding), 0, n) for chunk, n in host)
@@ -265,7 +243,7 @@ def after_stop(run: Run, state, history: list[dict], epoch: int, epoch_started: 
   if not at_epoch_end and (stop or run.plan.checkpoint_due(step)):
     run.save(state, history)
   if stop and not at_epoch_end:
-    raise interrupted(run, state)
+    raise run.signals.error(int(state.step), run.plan.steps_per_epoch, run.ckpt.directory)
   if not at_epoch_end:
     run.out.progress(epoch, step - epoch * run.plan.steps_per_epoch, run.plan.steps_per_epoch,
                      time.perf_counter() - epoch_started)
@@ -273,21 +251,10 @@ def after_stop(run: Run, state, history: list[dict], epoch: int, epoch_started: 
 
 
 def end_epoch(run: Run, state, epoch: int, seconds: float, test_sums):
-  """Turns the epoch's running sums into an entry for metrics.jsonl and resets them."""
-  loss_sum, correct, count = jax.device_get((state.loss_sum, state.correct, state.count))
-  test_loss, test_correct = test_sums
-  num_test = run.plan.num_test
-  per_model = {
-      'train_loss': np.atleast_1d(loss_sum / count),
-      'train_accuracy': np.atleast_1d(correct / count),
-      'test_loss': np.atleast_1d(test_loss / num_test),
-      'test_accuracy': np.atleast_1d(test_correct / num_test)}
-  steps_done = int(state.step) - epoch * run.plan.steps_per_epoch  # The whole epoch, even resumed.
-  entry = {'epoch': epoch + 1, 'step': int(state.step),
-           **{k: float(np.mean(v)) for k, v in per_model.items()},
-           'seconds': seconds, 'steps_per_second': steps_done / seconds if seconds else None}
-  if run.config.num_models > 1:
-    entry['per_model'] = {k: [float(x) for x in v] for k, v in per_model.items()}
+  """The epoch's entry for metrics.jsonl from its running sums, and the state with them reset."""
+  train_sums = jax.device_get((state.loss_sum, state.correct, state.count))
+  entry = metrics.epoch_entry(epoch, int(state.step), run.plan, train_sums, test_sums, seconds,
+                              per_model=run.config.num_models > 1)
   # Fresh buffers for each field: the state is donated, and one buffer may not be donated twice.
   repl = distributed.replicated(run.mesh)
   zeros = lambda a: jax.device_put(np.zeros(a.shape, a.dtype), repl)
@@ -313,14 +280,6 @@ def check_finite(run: Run, state) -> None:
         'be damaged: move it aside or start over with --fresh.')
 
 
-def interrupted(run: Run, state) -> Interrupted:
-  step = int(state.step)
-  return Interrupted(f'{run.signals.received or "a stop signal on another process"} received: '
-                     f'stopped at step {step} (epoch {(step - 1) // run.plan.steps_per_epoch + 1})'
-                     f' and saved a checkpoint in {run.ckpt.directory}; run the same command '
-                     'again to resume.')
-
-
 def test_batches(run: Run, test) -> dict:
   """The test set as padded batches [S, B, ...] on the devices, split over the data axis."""
   plan = run.plan
@@ -328,9 +287,3 @@ def test_batches(run: Run, test) -> dict:
   sharding = distributed.batch_sharded(run.mesh, 1)
   return {k: distributed.put(v.reshape((-1, plan.eval_batch_size) + v.shape[1:]), sharding)
           for k, v in padded.items()}
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-  """The host shuffle seed of one epoch (stream and tfds modes): fixed, so a resumed epoch
-  replays it."""
-  return (seed * 1_000_003 + epoch) % (2**31 - 1)

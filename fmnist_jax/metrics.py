@@ -6,6 +6,7 @@ the real examples; both return sums, which the callers divide by the count they 
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -22,3 +23,22 @@ def correct_sum(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Ar
 def mean_loss(logits, labels, mask) -> jax.Array:
   """The training objective: mean cross-entropy over the batch's real examples."""
   return cross_entropy_sum(logits, labels, mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def epoch_entry(epoch: int, step: int, plan, train_sums, test_sums, seconds: float,
+                per_model: bool) -> dict:
+  """One line of metrics.jsonl: mean losses and accuracies (over models too), time, steps/s; with
+  several models, each model's numbers under 'per_model'."""
+  loss_sum, correct, count = train_sums
+  test_loss, test_correct = test_sums
+  values = {
+      'train_loss': np.atleast_1d(loss_sum / count),
+      'train_accuracy': np.atleast_1d(correct / count),
+      'test_loss': np.atleast_1d(test_loss / plan.num_test),
+      'test_accuracy': np.atleast_1d(test_correct / plan.num_test)}
+  steps_done = step - epoch * plan.steps_per_epoch  # The whole epoch, even resumed.
+  entry = {'epoch': epoch + 1, 'step': step, **{k: float(np.mean(v)) for k, v in values.items()},
+           'seconds': seconds, 'steps_per_second': steps_done / seconds if seconds else None}
+  if per_model:
+    entry['per_model'] = {k: [float(x) for x in v] for k, v in values.items()}
+  return entry

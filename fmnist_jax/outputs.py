@@ -118,12 +118,19 @@ class Outputs:
       jax.profiler.stop_trace()
       self._tracing = False
 
-  def prediction_images(self, predictions, step: int) -> None:
-    """The tutorial's 15 predictions as a TensorBoard image, drawn without matplotlib."""
-    images, probs, labels = predictions
+  def prediction_images(self, predict, params, test, mesh, batch_size: int) -> None:
+    """The tutorial's 15 predictions as a TensorBoard image, drawn without matplotlib. Every
+    process runs `predict` (the compiled program spans all devices); process 0 draws."""
+    from fmnist_jax import distributed  # pylint: disable=g-import-not-at-top  (JAX)
+    images, labels = test['image'][:15], test['label'][:15]
+    padded = np.zeros((batch_size,) + images.shape[1:], images.dtype)
+    padded[:len(images)] = images
+    probs = distributed.to_host(predict(params, distributed.put(
+        padded, distributed.batch_sharded(mesh))))[:len(images)]
     writer = self._writer()
     if writer:
-      writer.add_image('predictions', prediction_strip(images, probs, labels), step,
+      writer.add_image('predictions', prediction_strip(images, probs, labels),
+                       self.config.num_epochs,
                        dataformats='HWC')
       writer.flush()
 

@@ -4,6 +4,7 @@ import contextlib
 import signal
 
 from fmnist_jax import distributed
+from fmnist_jax.errors import Interrupted
 
 
 class StopSignals:
@@ -33,3 +34,9 @@ class StopSignals:
     finally:
       for s, handler in old.items():
         signal.signal(s, handler)
+
+  def error(self, step: int, steps_per_epoch: int, checkpoints: str) -> Interrupted:
+    """The error that ends a run stopped by a signal, after its checkpoint at `step`."""
+    return Interrupted(f'{self.received or "a stop signal on another process"} received: stopped '
+                       f'at step {step} (epoch {(step - 1) // steps_per_epoch + 1}) and saved a '
+                       f'checkpoint in {checkpoints}; run the same command again to resume.')

@@ -81,12 +81,12 @@ def config(data_dir):
 @pytest.fixture(scope='session')
 def trained_workdir(tmp_path_factory, data_dir):
   """configs/test.py trained for its one epoch (with TensorBoard files): read-only for tests."""
-  from fmnist_jax import trainer
+  from fmnist_jax import loop
   config = load_test_config()
   config.data.data_dir = data_dir
   config.tensorboard = True
   path = tmp_path_factory.mktemp('trained')
-  trainer.train_and_evaluate(config, str(path))
+  loop.train_and_evaluate(config, str(path))
   return path
 
 

@@ -1,6 +1,7 @@
 """The command line: overrides, one-line errors with non-zero exits, no tracebacks."""
 
 import json
+import os
 
 import pytest
 
@@ -85,7 +86,8 @@ def test_divergence_exit_code(data_dir, tmp_path):
     ('hidden_sizes', (0,), 'hidden_sizes=(0,) must be positive integers'),
     ('num_classes', 5, 'Fashion-MNIST has 10 classes'),
     ('compute_dtype', 'float16', "unknown compute_dtype 'float16'"),
-    ('chunk_steps', -1, 'chunk_steps=-1 must be 0'),
+    ('check_every_steps', -1, 'check_every_steps=-1 must be 0'),
+    ('profile_steps', -1, 'profile_steps=-1 must be 0'),
     ('eval_batch_size', 0, 'eval_batch_size=0'),
 ])
 def test_validate_config(field, value, message):
@@ -145,17 +147,38 @@ def test_bad_data_files_are_one_line(problem, message, source_dir, tmp_path):
   assert not (tmp_path / 'tfds' / 'fashion_mnist' / '3.0.1').exists()  # Nothing half-prepared.
 
 
-def test_default_workdir_follows_the_command():
+def test_default_workdir_names_what_differs_from_the_config_file():
   from fmnist_jax import workdir as workdir_lib
-  argv = ['train.py', '--config', 'configs/base.py', '--config.input_mode=tfds',
-          '--config.hidden_sizes=(256,128)', '--config.progress=False',
-          '--config.data.data_dir=/x', '--config.num_epochs', '3', '--config.num_epochs=4']
-  assert workdir_lib.overrides(argv) == ['input_mode=tfds', 'hidden_sizes=(256,128)', 'num_epochs=4']
-  assert workdir_lib.default_for_command('configs/base.py', argv, 1, 1) == (
-      'workdirs/base,input_mode=tfds,hidden_sizes=256_128,num_epochs=4')
-  assert workdir_lib.default_for_command('configs/base.py', ['train.py'], 1, 1) == 'workdirs/base'
-  assert workdir_lib.default_for_command('configs/test.py', ['train.py'], 8, 2) == (
-      'workdirs/test,8devices,2processes')
+  config = config_files.base()
+  config.input_mode = 'tfds'
+  config.hidden_sizes = (256, 128)
+  config.num_epochs = 4
+  config.progress = False  # Display, data places and host settings never name a folder.
+  config.data.data_dir = '/x'
+  config.checkpoint_every_steps = 100
+  assert workdir_lib.default_for_config('configs/base.py', config, 1, 1) == (
+      'workdirs/base,hidden_sizes=256_128,input_mode=tfds,num_epochs=4')
+  same = config_files.base()
+  same.learning_rate = float('1e-3')  # Equal to the file's 0.001, however it is spelt.
+  assert workdir_lib.default_for_config('configs/base.py', same, 1, 1) == 'workdirs/base'
+  assert workdir_lib.default_for_config('configs/test.py', config_files.load(
+      'configs/test.py'), 8, 2) == 'workdirs/test,8devices,2processes'
+
+
+def test_every_config_field_has_a_role():
+  from fmnist_jax import fields
+  assert set(fields.flat(config_files.base())) == set(fields.ROLES)
+
+
+def test_equal_overrides_share_one_workdir(data_dir, tmp_path):
+  """1e-3, 0.001 and an override equal to the file's value all land in workdirs/test."""
+  base = ['fmnist_jax.train', '--config', f'{ROOT}/configs/test.py',
+          f'--config.data.data_dir={data_dir}']
+  for override in ('--config.learning_rate=1e-3', '--config.learning_rate=0.001',
+                   '--config.num_epochs=1'):
+    result = run_cli(*base, override, cwd=str(tmp_path), env={'PYTHONPATH': ROOT})
+    assert result.returncode == 0, result.stderr[-2000:]
+  assert os.listdir(tmp_path / 'workdirs') == ['test']
 
 
 def test_a_run_in_one_place_and_quiet(data_dir, tmp_path):

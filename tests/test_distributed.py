@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 
-from fmnist_jax import trainer
+from fmnist_jax import loop
 from tests.conftest import ROOT, load_test_config, restore_state, run_cli
 
 
@@ -47,7 +47,7 @@ def one_device(tmp_path_factory, data_dir):
   config = load_test_config()
   config.data.data_dir = data_dir
   config.batch_size = BATCH
-  return trainer.train_and_evaluate(config, str(tmp_path_factory.mktemp('one')))
+  return loop.train_and_evaluate(config, str(tmp_path_factory.mktemp('one')))
 
 
 def _assert_same_run(a, b):
@@ -159,7 +159,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(data_dir, two_proces
 
 def test_bfloat16_stays_within_a_point(one_device, config, tmp_path):
   config.compute_dtype = 'bfloat16'
-  summary = trainer.train_and_evaluate(config, str(tmp_path))
+  summary = loop.train_and_evaluate(config, str(tmp_path))
   assert summary['compute_dtype'] == 'bfloat16'
   assert abs(summary['test_accuracy'] - one_device['test_accuracy']) <= 0.01
   state, _ = restore_state(config, tmp_path)
@@ -170,7 +170,7 @@ def test_bfloat16_stays_within_a_point(one_device, config, tmp_path):
 def test_many_models_at_once(one_device, config, tmp_path):
   config.num_models = 3
   config.learning_rates = (1e-3, 2e-3, 5e-4)
-  summary = trainer.train_and_evaluate(config, str(tmp_path))
+  summary = loop.train_and_evaluate(config, str(tmp_path))
   models = summary['models']
   assert summary['num_models'] == 3 and models['seeds'] == [0, 1, 2]
   assert models['learning_rates'] == [1e-3, 2e-3, 5e-4]

@@ -87,10 +87,10 @@ def test_bad_platform_is_one_line_error(tmp_path):
 @pytest.mark.slow
 def test_predict_export_serves_without_fmnist_jax(config, arrays, tmp_path):
   """A trained model's predict export, loaded in a fresh process, matches predict_probs."""
-  from fmnist_jax import inference, trainer
+  from fmnist_jax import inference, loop
   workdir = tmp_path / 'run'
   config.num_epochs = 1
-  trainer.train_and_evaluate(config, str(workdir))
+  loop.train_and_evaluate(config, str(workdir))
   out = tmp_path / 'exports'
   run_export(out, '--config', 'configs/test.py', '--workdir', str(workdir))
   images = arrays['test']['image'][:1000]

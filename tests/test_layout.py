@@ -61,16 +61,41 @@ def _cycle(graph):
 
 def test_no_module_imports_one_that_imports_it_back():
   graph = _import_graph()
-  assert 'fmnist_jax.trainer' in graph and 'fmnist_jax.inference' in graph['fmnist_jax.trainer']
+  assert 'fmnist_jax.loop' in graph and 'fmnist_jax.programs' in graph['fmnist_jax.loop']
   assert _cycle(graph) is None, ' -> '.join(_cycle(graph))
-  # The modules `import fmnist_jax.trainer` loads, none of which imports the trainer.
-  code = ('import sys, fmnist_jax.trainer; '
+  # The modules `import fmnist_jax.loop` loads, none of which imports the loop.
+  code = ('import sys, fmnist_jax.loop; '
           'print(" ".join(m for m in sys.modules if m.startswith("fmnist_jax")))')
   loaded = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
                           check=True).stdout.split()
-  assert 'fmnist_jax.trainer' in loaded and 'fmnist_jax.predict' not in loaded
+  assert 'fmnist_jax.loop' in loaded and 'fmnist_jax.predict' not in loaded
   for module in loaded:
-    assert 'fmnist_jax.trainer' not in graph.get(module, set()), module
+    assert 'fmnist_jax.loop' not in graph.get(module, set()), module
+
+
+def _functions(tree):
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      yield node
+
+
+def test_no_function_over_80_lines_and_no_pickles():
+  for path in glob.glob(os.path.join(ROOT, 'fmnist_jax', '*.py')):
+    with open(path) as f:
+      text = f.read()
+    assert 'pickle' not in text and 'serialize_executable' not in text, path
+    for node in _functions(ast.parse(text)):
+      length = node.end_lineno - node.lineno + 1
+      assert length <= 80, f'{path}:{node.lineno} {node.name} has {length} lines'
+
+
+def test_the_loop_and_the_checkpointer_stay_small():
+  with open(os.path.join(ROOT, 'fmnist_jax', 'loop.py')) as f:
+    assert len(f.read().splitlines()) <= 300
+  with open(os.path.join(ROOT, 'fmnist_jax', 'checkpoint.py')) as f:
+    tree = ast.parse(f.read())
+  checkpointer = next(n for n in tree.body if getattr(n, 'name', '') == 'Checkpointer')
+  assert checkpointer.end_lineno - checkpointer.lineno + 1 <= 120
 
 
 def test_cycle_finder_finds_a_cycle():

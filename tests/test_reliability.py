@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import jax
 import numpy as np
 import pytest
 
 
-from fmnist_jax import trainer
+from fmnist_jax import loop
 from fmnist_jax.errors import UserError
 from tests.conftest import load_test_config, ROOT, restore_state, run_cli
 
@@ -60,7 +59,7 @@ def _assert_bitwise_same_run(config, workdir, reference):
 def reference(tmp_path_factory, data_dir):
   """The uninterrupted run every interrupted one must reproduce exactly."""
   workdir = tmp_path_factory.mktemp('reference')
-  trainer.train_and_evaluate(_config(data_dir), str(workdir))
+  loop.train_and_evaluate(_config(data_dir), str(workdir))
   return workdir
 
 
@@ -89,7 +88,7 @@ def _wait_for_checkpoint(proc, workdir, at_least):
 def stream_reference(tmp_path_factory, data_dir):
   """An uninterrupted run fed from the host in chunks (input_mode=stream)."""
   workdir = tmp_path_factory.mktemp('stream_reference')
-  trainer.train_and_evaluate(_config(data_dir, 'stream'), str(workdir))
+  loop.train_and_evaluate(_config(data_dir, 'stream'), str(workdir))
   return workdir
 
 
@@ -174,10 +173,9 @@ def test_fresh_starts_over(data_dir, reference, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(reference, workdir)
   config = _config(data_dir)
-  config.fresh = True
   config.num_epochs = 1
   config.learning_rate = 2e-3  # Incompatible with the saved run: fine with fresh.
-  summary = trainer.train_and_evaluate(config, str(workdir))
+  summary = loop.train_and_evaluate(config, str(workdir), fresh=True)
   assert summary['steps'] == summary['steps_run'] == 938
   assert len(_untimed(workdir)) == 1
 
@@ -253,16 +251,16 @@ def test_signal_at_an_epoch_end_stops_after_its_checkpoint(data_dir, tmp_path, m
   from fmnist_jax.errors import Interrupted
   config = _config(data_dir)
   config.checkpoint_every_steps = 0  # Whole-epoch chunks: the signal lands at the epoch end.
-  run_epoch_with_signal = trainer.device_epoch_runner
+  device_chunks = loop.device_chunks
 
-  def runner(run, state, train):
-    run_epoch = run_epoch_with_signal(run, state, train)
+  def chunks(run, train):
+    source = device_chunks(run, train)
     run.signals.received = 'SIGTERM'  # As if it arrived during the epoch's last chunk.
-    return run_epoch
+    return source
 
-  monkeypatch.setattr(trainer, 'device_epoch_runner', runner)
+  monkeypatch.setattr(loop, 'device_chunks', chunks)
   with pytest.raises(Interrupted, match='SIGTERM received: stopped at step 938 \\(epoch 1\\)'):
-    trainer.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   assert len(_untimed(tmp_path)) == 1  # Not a step of epoch 2 ran.
   state, _ = restore_state(config, tmp_path)
   assert int(state.step) == 938
@@ -330,12 +328,20 @@ def test_every_checkpoint_damaged_stops_at_once(data_dir, reference, tmp_path):
   result = run_cli('fmnist_jax.train', *_args(data_dir, workdir))
   assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
   errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
-  assert len(errors) == 1 and 'no checkpoint in' in errors[0] and 'fresh=True' in errors[0]
+  assert len(errors) == 1 and 'no checkpoint in' in errors[0] and '--fresh' in errors[0]
+  assert result.stderr.splitlines() == errors  # Only its line: no warnings before it.
   assert 'checkpoints_damaged' in errors[0]
   assert len(os.listdir(workdir / 'checkpoints_damaged')) == 2  # Kept aside, not deleted.
   assert (workdir / 'metrics.jsonl').read_bytes() == metrics_before
   assert not (workdir / 'summary.json').exists()
   assert 'Epoch' not in result.stdout  # Nothing trained.
+  again = run_cli('fmnist_jax.train', *_args(data_dir, workdir))  # Refused run after run ...
+  assert again.returncode == 2 and again.stderr.startswith('error: no checkpoint in'), again.stderr
+  assert len(again.stderr.splitlines()) == 1 and 'found damaged earlier' in again.stderr
+  assert (workdir / 'metrics.jsonl').read_bytes() == metrics_before
+  fresh = run_cli('fmnist_jax.train', *_args(data_dir, workdir), '--fresh')  # ... until --fresh.
+  assert fresh.returncode == 0, fresh.stderr[-2000:]
+  assert not (workdir / 'checkpoints_damaged').exists()
 
 
 def test_planted_links_never_redirect_a_write(data_dir, tmp_path):
@@ -460,28 +466,3 @@ def test_fewer_epochs_than_a_finished_run_is_one_line(data_dir, reference, tmp_p
   assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
   assert 'holds a run of 1876 steps, more than the 938 of num_epochs=1' in result.stderr
   assert _tree_digest(workdir) == before
-
-
-def test_only_late_tensorstore_reports_are_dropped(monkeypatch):
-  """The disk-full filter drops a closed loop's call_soon_threadsafe error, nothing else."""
-  import asyncio
-  from fmnist_jax import checkpoint
-  seen = []
-  monkeypatch.setattr(sys, 'unraisablehook', seen.append)
-  checkpoint._quiet_late_tensorstore_callbacks()
-  checkpoint._quiet_late_tensorstore_callbacks()  # Idempotent: one filter, not two.
-  loop = asyncio.new_event_loop()
-  loop.close()
-  errors = []
-  for action in (lambda: loop.call_soon_threadsafe(print), lambda: 1 / 0,
-                 lambda: (_ for _ in ()).throw(RuntimeError('Event loop is closed'))):
-    try:
-      action()
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(e)
-  for error in errors:
-    sys.unraisablehook(types.SimpleNamespace(
-        exc_type=type(error), exc_value=error, exc_traceback=error.__traceback__,
-        err_msg=None, object=None))
-  # The first is dropped; the division and a same-text error from elsewhere reach the old hook.
-  assert [type(u.exc_value) for u in seen] == [ZeroDivisionError, RuntimeError]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 
-from fmnist_jax import metrics, steps, trainer
+from fmnist_jax import loop, metrics, programs, steps
 from fmnist_jax.errors import DivergenceError, UserError
 from tests.conftest import load_test_config, restore_state
 
@@ -23,7 +23,7 @@ def device_run(tmp_path_factory, data_dir):
   config = load_test_config()
   config.data.data_dir = data_dir
   workdir = tmp_path_factory.mktemp('device_run')
-  return config, workdir, trainer.train_and_evaluate(config, str(workdir))
+  return config, workdir, loop.train_and_evaluate(config, str(workdir))
 
 
 def test_one_epoch_on_real_data(device_run):
@@ -56,7 +56,7 @@ def test_checkpoint_holds_the_trained_state(device_run):
 
 def test_finished_run_is_not_retrained(device_run, capsys):
   config, workdir, summary = device_run
-  again = trainer.train_and_evaluate(config, str(workdir))
+  again = loop.train_and_evaluate(config, str(workdir))
   assert again == summary  # Same saved numbers, training seconds included: nothing re-ran.
   assert len((workdir / 'metrics.jsonl').read_text().splitlines()) == 1
 
@@ -64,7 +64,7 @@ def test_finished_run_is_not_retrained(device_run, capsys):
 def test_same_seed_is_bitwise_identical(device_run, tmp_path):
   config, workdir, summary = device_run
   config.tensorboard = False
-  again = trainer.train_and_evaluate(config, str(tmp_path))
+  again = loop.train_and_evaluate(config, str(tmp_path))
   for key in ('test_accuracy', 'test_loss', 'train_accuracy', 'train_loss'):
     assert again[key] == summary[key]
   a, _ = restore_state(config, workdir)
@@ -76,7 +76,7 @@ def test_same_seed_is_bitwise_identical(device_run, tmp_path):
 def test_different_seed_differs(device_run, config, tmp_path):
   _, _, summary = device_run
   config.seed = 1
-  other = trainer.train_and_evaluate(config, str(tmp_path))
+  other = loop.train_and_evaluate(config, str(tmp_path))
   assert other['seed'] == 1 and other['test_accuracy'] >= 0.80
   assert other['train_loss'] != summary['train_loss']
   assert other['test_loss'] != summary['test_loss']
@@ -89,23 +89,22 @@ def test_streaming_modes_match_device_mode(mode, device_run, config, tmp_path, m
   keys = _compiled_keys(monkeypatch)
   config.input_mode = mode
   config.stream_chunk_steps = 100
-  summary = trainer.train_and_evaluate(config, str(tmp_path))
+  summary = loop.train_and_evaluate(config, str(tmp_path))
   assert summary['input_mode'] == mode and summary['steps'] == 938
   assert summary['test_accuracy'] >= 0.80
   assert abs(summary['test_accuracy'] - device_summary['test_accuracy']) < 0.03
-  assert sum(1 for k in keys if k[0] == 'chunk') == 1
+  assert keys.count('train_chunk') == 1
 
 
 def _compiled_keys(monkeypatch) -> list:
-  """Records the key of every program the trainer compiles."""
+  """Records the name of every program the trainer lowers (to compile it)."""
   keys = []
-  get = trainer.Compiler.get
+  compile_all = programs.compile_all
 
-  def recording_get(self, key, *args, **kwargs):
-    if key not in self._cache:  # pylint: disable=protected-access
-      keys.append(key)
-    return get(self, key, *args, **kwargs)
-  monkeypatch.setattr(trainer.Compiler, 'get', recording_get)
+  def recording(progs, names=None):
+    keys.extend(names or progs)
+    return compile_all(progs, names)
+  monkeypatch.setattr(programs, 'compile_all', recording)
   return keys
 
 
@@ -116,30 +115,30 @@ def test_any_checkpoint_interval_compiles_one_training_program(device_run, confi
   config.num_epochs = 2
   keys = _compiled_keys(monkeypatch)
   config.checkpoint_every_steps = 300
-  summary = trainer.train_and_evaluate(config, str(tmp_path))
-  assert [k for k in keys if k[0] == 'chunk'] == [keys[[k[0] for k in keys].index('chunk')]]
+  summary = loop.train_and_evaluate(config, str(tmp_path))
+  assert keys.count('train_chunk') == 1
   config.checkpoint_every_steps = 0
-  whole = trainer.train_and_evaluate(config, str(tmp_path / 'whole'))
+  whole = loop.train_and_evaluate(config, str(tmp_path / 'whole'))
   assert summary['train_loss'] == whole['train_loss'] and summary['test_loss'] == whole['test_loss']
 
 
 def test_chunks_give_the_same_result_as_whole_epochs(device_run, config, tmp_path):
   """Fusing 100 steps per call instead of 938 changes nothing, bitwise."""
   _, _, summary = device_run
-  config.chunk_steps = 100
-  chunked = trainer.train_and_evaluate(config, str(tmp_path))
+  config.check_every_steps = 100
+  chunked = loop.train_and_evaluate(config, str(tmp_path))
   assert chunked['test_loss'] == summary['test_loss']
   assert chunked['train_loss'] == summary['train_loss']
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(config, tmp_path, monkeypatch):
-  first = trainer.train_and_evaluate(config, str(tmp_path))
+  first = loop.train_and_evaluate(config, str(tmp_path))
   metrics_before = (tmp_path / 'metrics.jsonl').read_text()
   config.num_epochs = 2  # Continue the same run for one more epoch ...
   monkeypatch.setattr(metrics, 'mean_loss', lambda *args: jnp.float32(jnp.nan))  # ... into NaN.
   with pytest.raises(DivergenceError, match=r'epoch 2, step 1 \(global step 939\).*last good '
                      r'checkpoint \(step 938\) is kept'):
-    trainer.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   assert (tmp_path / 'metrics.jsonl').read_text() == metrics_before
   state, record = restore_state(config, tmp_path)
   assert int(state.step) == 938
@@ -150,7 +149,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(config, tmp_path, m
 def test_absurd_learning_rate_diverges_without_checkpoint(config, tmp_path):
   config.learning_rate = 1e30
   with pytest.raises(DivergenceError, match='no checkpoint was written'):
-    trainer.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   assert not os.listdir(tmp_path / 'checkpoints')
 
 
@@ -158,6 +157,37 @@ def test_incompatible_checkpoint_names_the_fields(device_run, config):
   _, workdir, _ = device_run
   config.hidden_sizes = (32,)
   config.batch_size = 128
-  with pytest.raises(UserError, match=r"hidden_sizes \(checkpoint \[96\], config \[32\]\); "
-                     r'batch_size \(checkpoint 64, config 128\).*--config.fresh=True'):
-    trainer.train_and_evaluate(config, str(workdir))
+  with pytest.raises(UserError, match=r'batch_size \(checkpoint 64, now 128\); hidden_sizes '
+                     r'\(checkpoint \[96\], now \[32\]\)\..*--fresh'):
+    loop.train_and_evaluate(config, str(workdir))
+
+
+def test_flops_per_step_near_the_analytic_count(device_run):
+  """XLA's count of one step: about 4 x parameters x batch (forward 2, weight gradients 2; no
+  gradient flows into the images) plus the optimizer, not the 6x rule of thumb."""
+  _, _, summary = device_run
+  analytic = 4 * summary['param_count'] * summary['batch_size']
+  assert 0.8 * analytic < summary['flops_per_step'] < 1.2 * analytic
+  assert summary['flops_per_second'] == pytest.approx(
+      summary['flops_per_step'] * summary['steps_run'] / summary['train_seconds'])
+  assert summary['peak_flops_per_second'] is None and summary['mfu'] is None  # A CPU.
+
+
+def test_plain_orbax_reads_the_checkpoint_as_a_nested_tree(device_run):
+  import orbax.checkpoint as ocp
+  config, workdir, _ = device_run
+  tree = ocp.StandardCheckpointer().restore(str(workdir / 'checkpoints' / '938' / 'state'))
+  state, _ = restore_state(config, workdir)
+  np.testing.assert_array_equal(tree['params']['hidden']['0']['kernel'],
+                                state.params['hidden'][0]['kernel'][...])
+  assert tree['opt_state']['mu']['out']['bias'].shape == (10,) and int(tree['step']) == 938
+
+
+def test_profile_steps_writes_a_trace_and_changes_nothing(device_run, config, tmp_path):
+  _, _, summary = device_run
+  config.profile_steps = 50
+  traced = loop.train_and_evaluate(config, str(tmp_path))
+  traces = list((tmp_path / 'tensorboard' / 'plugins' / 'profile').rglob('*.xplane.pb'))
+  assert traces and all(t.stat().st_size > 0 for t in traces)
+  for key in ('test_loss', 'train_loss', 'test_accuracy'):
+    assert traced[key] == summary[key]
