@@ -19,13 +19,13 @@ The N-device file is called under jit with its input sharded over N devices (the
 of N): `jax.jit(exported.call)(jax.device_put(images, exported.in_shardings_jax(mesh)[0]))`.
 """
 
-import math
 import os
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
+from fmnist_jax import IMAGE_SIZE
 from fmnist_jax import cli
 from fmnist_jax.errors import UserError
 
@@ -44,7 +44,6 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir whose traine
                                'predict export bakes in; default: freshly initialised ones.')
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
-TRAIN_EXAMPLES, TEST_EXAMPLES = 60_000, 10_000  # Fashion-MNIST's splits.
 SUFFIX = '.jaxexport'
 
 
@@ -71,52 +70,18 @@ def mesh_of(num_devices: int):
   return jax.sharding.Mesh(np.asarray(devices[:num_devices]), (distributed.DATA_AXIS,))
 
 
-def _spec(shape, dtype, sharding):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+EXPORTED = ('train_chunk', 'shuffle', 'evaluate')  # The training programs written out.
 
 
 def training_programs(config, mesh) -> dict:
-  """{name: (jitted function, args, kwargs, donated)} for the trainer's programs on `mesh`.
-
-  Mirrors Trainer._device_epoch_fn and Trainer._train: the same jit options, shapes and shardings.
-  `donated` says whether the first argument is donated.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from fmnist_jax import distributed  # pylint: disable=g-import-not-at-top
-  from fmnist_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
-    raise UserError(f'batch_size={config.batch_size} and eval_batch_size='
-                    f'{config.eval_batch_size} must divide over {mesh.size} devices.')
-  graphdef, state = steps_lib.init_state(config)
-  steps = steps_lib.make_steps(config, graphdef)
-  repl, rows = distributed.replicated(mesh), distributed.batch_sharded(mesh, 1)
-  state_spec = jax.tree.map(lambda a: _spec(a.shape, a.dtype, repl), state)
-  spe = math.ceil(TRAIN_EXAMPLES / config.batch_size)
-  b = config.batch_size
-  data_spec = {'image': _spec((spe, b, 28 * 28), jnp.uint8, rows),
-               'label': _spec((spe, b), jnp.int32, rows),
-               'mask': _spec((spe, b), jnp.float32, rows)}
-  data_sharding = distributed.dataset_sharding(mesh, TRAIN_EXAMPLES)
-  scalar = _spec((), jnp.int32, repl)
-  s = math.ceil(TEST_EXAMPLES / config.eval_batch_size)
-  eb = config.eval_batch_size
-  test_spec = {'image': _spec((s, eb, 28, 28), jnp.uint8, rows),
-               'label': _spec((s, eb), jnp.int32, rows),
-               'mask': _spec((s, eb), jnp.float32, rows)}
-  return {
-      # start and num_steps are runtime values: one program for every chunk length.
-      'train_chunk': (jax.jit(steps.train_chunk, donate_argnums=0),
-                      (state_spec, data_spec, scalar, scalar), {}, True),
-      'shuffle': (jax.jit(steps.shuffle, static_argnames='batch_size',
-                          out_shardings=distributed.batch_sharded(mesh, 1)),
-                  (state_spec.rng, scalar, _spec((TRAIN_EXAMPLES, 28 * 28), jnp.uint8,
-                                                 data_sharding),
-                   _spec((TRAIN_EXAMPLES,), jnp.int32, data_sharding)), {'batch_size': b},
-                  False),
-      'evaluate': (jax.jit(steps.evaluate), (state_spec.params, test_spec), {}, False),
-  }
+  """{name: programs.Program} of the trainer's programs on `mesh`: the very construction the
+  trainer compiles (fmnist_jax/programs.py), for the full Fashion-MNIST splits."""
+  from fmnist_jax import NUM_TEST, NUM_TRAIN  # pylint: disable=g-import-not-at-top
+  from fmnist_jax import programs  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from fmnist_jax.plan import RunPlan  # pylint: disable=g-import-not-at-top
+  plan = RunPlan.create(config, NUM_TRAIN, NUM_TEST, mesh.size)
+  progs = programs.programs(config, mesh, plan)
+  return {name: progs[name] for name in EXPORTED if name in progs}
 
 
 def predict_function(config, graphdef, params):
@@ -127,19 +92,19 @@ def predict_function(config, graphdef, params):
   return lambda images: probs_fn(params, images)
 
 
-def export_flat(jitted, args, kwargs, donated: bool, platforms):
-  """Exports `jitted(*args, **kwargs)` as a function of the flat list of array leaves.
+def export_flat(program, platforms):
+  """Exports a programs.Program as a function of the flat list of its arguments' array leaves.
 
   jax.export serializes only standard pytree containers; flax's state and variable types are not,
   so the export takes and returns flat lists (a caller flattens with jax.tree.flatten).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jax import export  # pylint: disable=g-import-not-at-top
-  leaves, treedef = jax.tree.flatten(args)
-  donate = tuple(range(len(jax.tree.leaves(args[0])))) if donated else ()
+  leaves, treedef = jax.tree.flatten(program.args)
+  donate = tuple(range(len(jax.tree.leaves(program.args[0])))) if program.donated else ()
 
   def flat(*leaves):
-    return jax.tree.leaves(jitted(*jax.tree.unflatten(treedef, leaves), **kwargs))
+    return jax.tree.leaves(program.jitted(*jax.tree.unflatten(treedef, leaves), **program.kwargs))
   return export.export(jax.jit(flat, donate_argnums=donate), platforms=platforms)(*leaves)
 
 
@@ -154,7 +119,8 @@ def export_predict(config, graphdef, params, platforms, mesh):
   # With several devices the batch must split evenly: b = devices * k.
   batch = export.symbolic_shape('b' if mesh.size == 1 else f'{mesh.size}*k')[0]
   fn = jax.jit(predict_function(config, graphdef, params), in_shardings=rows, out_shardings=rows)
-  return export.export(fn, platforms=platforms)(_spec((batch, 28, 28), jnp.uint8, rows))
+  return export.export(fn, platforms=platforms)(
+      jax.ShapeDtypeStruct((batch, IMAGE_SIZE, IMAGE_SIZE), jnp.uint8, sharding=rows))
 
 
 def _shapes(exported, skip: int, label: str) -> str:
@@ -173,10 +139,9 @@ def export_all(config, platforms, devices: int, out: str, workdir: str | None = 
     raise UserError(f'unknown --platforms {",".join(unknown)}; choose from {",".join(PLATFORMS)}.')
   if devices < 1:
     raise UserError(f'--devices must be at least 1, not {devices}.')
-  if config.batch_size % devices or config.eval_batch_size % devices:
-    raise UserError(f'batch_size={config.batch_size} and eval_batch_size='
-                    f'{config.eval_batch_size} must divide over --devices={devices}; choose a '
-                    'divisor of both, or change them with --config.batch_size=... .')
+  if config.batch_size % devices:
+    raise UserError(f'batch_size={config.batch_size} does not divide over --devices={devices}; '
+                    'choose a divisor of it, or change it with --config.batch_size=... .')
   if workdir:
     from fmnist_jax import inference  # pylint: disable=g-import-not-at-top
     predict_config, graphdef, params = inference.load_trained(workdir)
@@ -200,10 +165,11 @@ def export_all(config, platforms, devices: int, out: str, workdir: str | None = 
     mesh = mesh_of(n)
     programs = training_programs(config, mesh)
     for platform in platforms:
-      for name, (fn, args, kwargs, donated) in programs.items():
-        exported = export_flat(fn, args, kwargs, donated, (platform,))
+      for name, program in programs.items():
+        exported = export_flat(program, (platform,))
         label = {'train_chunk': 'state', 'evaluate': 'params'}.get(name, '')
-        write(name, platform, n, exported, len(jax.tree.leaves(args[0])) if label else 0, label)
+        write(name, platform, n, exported, len(jax.tree.leaves(program.args[0])) if label else 0,
+              label)
     serve_platforms = tuple(dict.fromkeys(('cpu', *platforms)))
     write('predict', '_'.join(serve_platforms), n,
           export_predict(predict_config, graphdef, params, serve_platforms, mesh))

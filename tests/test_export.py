@@ -109,3 +109,27 @@ def test_predict_export_serves_without_fmnist_jax(config, arrays, tmp_path):
     assert probs.shape == (1000, 10) and probs.dtype == np.float32
     np.testing.assert_allclose(probs, expected, atol=1e-6)
     assert (probs.argmax(1) == arrays['test']['label'][:1000]).mean() > 0.75
+
+
+@pytest.mark.parametrize('overrides', [{}, {'compute_dtype': 'bfloat16'}, {'num_models': 8}])
+def test_the_export_lowers_what_the_trainer_compiles(overrides):
+  """One construction of the programs: the StableHLO the export writes is the trainer's own, for
+  the base config, bf16, 8 vmapped models, on 1 and 8 devices (simulated, in a subprocess)."""
+  code = textwrap.dedent(f'''
+      import jax, numpy as np
+      from fmnist_jax import config_files, export, programs, NUM_TEST, NUM_TRAIN
+      from fmnist_jax.plan import RunPlan
+      config = config_files.base()
+      config.update({overrides!r})
+      for n in (1, 8):
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:n]), ('data',))
+        trainer = programs.programs(config, mesh, RunPlan.create(config, NUM_TRAIN, NUM_TEST, n))
+        exported = export.training_programs(config, mesh)
+        assert set(exported) == {{'train_chunk', 'shuffle', 'evaluate'}}
+        for name, program in exported.items():
+          assert program.lower().as_text() == trainer[name].lower().as_text(), name
+      print('same')
+  ''')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  assert result.stdout.strip() == 'same', result.stderr[-3000:]
