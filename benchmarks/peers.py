@@ -66,10 +66,10 @@ def run_fmnist_jax(mode, batch_size, epochs, num_models=1):
   config.tensorboard = False
   if 'compile_cache_dir' in config:
     config.compile_cache_dir = ''  # Every process compiles: throughput runs measure the same work.
+  from fmnist_jax import outputs  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as workdir:
     summary = loop.train_and_evaluate(config, workdir)
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      history = [json.loads(line) for line in f]
+    history = outputs.read_metrics(workdir)
   return {'epochs': [{'seconds': h['seconds'], 'test_accuracy': h['test_accuracy']}
                      for h in history],
           'compile_seconds': summary['compile_seconds'],

@@ -102,7 +102,7 @@ def _tutorial(results):
   if any(p.startswith('fmnist_jax-') for p in tutorial):
     lines.append('')
     if results['environment'].get('compile_cache_field'):
-      lines += ['Compilation cache (JAX\'s persistent cache and fmnist_jax\'s program store): '
+      lines += ['Compilation cache (JAX\'s persistent cache): '
                 'one folder per fmnist_jax peer (the command '
                 'above plus `--config.compile_cache_dir=<folder>`), empty at the start of the '
                 'benchmark. Each fmnist_jax command ran '

@@ -185,13 +185,12 @@ class UserCommands:
     if isinstance(out, dict):
       return out
     _, wall = out
+    from fmnist_jax import outputs  # pylint: disable=g-import-not-at-top  (no JAX)
+    from fmnist_jax.errors import UserError  # pylint: disable=g-import-not-at-top
     try:
-      with open(os.path.join(workdir, 'summary.json')) as f:
-        summary = json.load(f)
-      with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        history = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
-      return {'error': f'no readable summary.json / metrics.jsonl in the workdir: {e}'}
+      summary, history = outputs.read_summary(workdir), outputs.read_metrics(workdir)
+    except UserError as e:
+      return {'error': f'no readable run outputs in the workdir: {e}'}
     if cache is None:
       cache_state = 'none'  # This fmnist_jax has no persistent compilation cache.
     elif summary.get('compile_cache_hit') is not None:
