@@ -1,4 +1,5 @@
-"""Inference from a trained workdir: load_trained (read-only) and predict_probs.
+"""Inference from a trained workdir: load_trained (read-only), predict_probs, and the test set's
+confusion_matrix and per_class_table.
 
 Reading never changes the workdir (no folders created, no temporary checkpoints cleaned, nothing
 moved), so it is safe beside a training that is writing into the same workdir.
@@ -11,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from fmnist_jax import CLASS_NAMES, NUM_CLASSES
 from fmnist_jax import checkpoint
 from fmnist_jax import steps as steps_lib
 from fmnist_jax import workdir as workdir_lib
@@ -87,3 +89,26 @@ def make_probs_fn(config, graphdef):
     return probs.mean(axis=0) if config.num_models > 1 else probs
 
   return probs_fn
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int = NUM_CLASSES):
+  """matrix[true, predicted] = count."""
+  matrix = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(matrix, (labels, predicted), 1)
+  return matrix
+
+
+def per_class_table(matrix: np.ndarray) -> list[dict]:
+  """Per class: precision, recall (the share of its images classified right), accuracy
+  (one-vs-rest: this class against all others, over every test image) and support."""
+  rows = []
+  total = matrix.sum()
+  for k, name in enumerate(CLASS_NAMES):
+    tp = matrix[k, k]
+    predicted_k, support = matrix[:, k].sum(), matrix[k].sum()
+    true_negatives = total - predicted_k - support + tp
+    rows.append({'class': name, 'precision': float(tp / max(predicted_k, 1)),
+                 'recall': float(tp / max(support, 1)),
+                 'accuracy': float((tp + true_negatives) / max(total, 1)),
+                 'support': int(support)})
+  return rows

@@ -5,8 +5,8 @@
     python -m fmnist_jax.predict --workdir workdirs/base --json *.png
     python -m fmnist_jax.predict --workdir workdirs/base --robustness   # photos made from tests
 
-The library functions work in a notebook too: fmnist_jax.inference (load_trained, predict_probs),
-confusion_matrix and per_class_table here, fmnist_jax.plots for the figures. Nothing here changes
+Only the command line lives here; the library functions work in a notebook too: fmnist_jax.inference
+(load_trained, predict_probs, confusion_matrix, per_class_table), fmnist_jax.plots for the figures. Nothing here changes
 the workdir's training files: checkpoints are opened read-only.
 """
 
@@ -37,45 +37,22 @@ _ROBUSTNESS_IMAGES = flags.DEFINE_integer('robustness_images', 300,
                                           'Test images per family for --robustness.', lower_bound=1)
 
 
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int = 10):
-  """matrix[true, predicted] = count."""
-  matrix = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(matrix, (labels, predicted), 1)
-  return matrix
-
-
-def per_class_table(matrix: np.ndarray) -> list[dict]:
-  """Per class: precision, recall (the share of its images classified right), accuracy
-  (one-vs-rest: this class against all others, over every test image) and support."""
-  rows = []
-  total = matrix.sum()
-  for k, name in enumerate(CLASS_NAMES):
-    tp = matrix[k, k]
-    predicted_k, support = matrix[:, k].sum(), matrix[k].sum()
-    true_negatives = total - predicted_k - support + tp
-    rows.append({'class': name, 'precision': float(tp / max(predicted_k, 1)),
-                 'recall': float(tp / max(support, 1)),
-                 'accuracy': float((tp + true_negatives) / max(total, 1)),
-                 'support': int(support)})
-  return rows
-
-
 def evaluate_test_set(workdir: str, index: int = 0, figures_dir: str | None = '',
                       as_json: bool = False) -> dict:
   """The tutorial's second half on the test set: prints, figures, confusion, per-class table.
 
   `figures_dir`: '' = <workdir>/figures, None = no figures.
   """
-  from fmnist_jax.inference import load_trained, predict_probs  # pylint: disable=g-import-not-at-top  (JAX)
-  config, graphdef, params = load_trained(workdir)
+  from fmnist_jax import inference  # pylint: disable=g-import-not-at-top  (JAX)
+  config, graphdef, params = inference.load_trained(workdir)
   test = data.load(config.data)['test']
   if not 0 <= index < len(test['label']):  # Checked before the predictions are computed.
     raise UserError(f'--index={index} is outside the test set (0-{len(test["label"]) - 1}).')
   images, labels = test['image'], test['label']
-  probs = predict_probs(config, graphdef, params, images)
+  probs = inference.predict_probs(config, graphdef, params, images)
   predicted = probs.argmax(axis=1)
-  matrix = confusion_matrix(labels, predicted)
-  table = per_class_table(matrix)
+  matrix = inference.confusion_matrix(labels, predicted)
+  table = inference.per_class_table(matrix)
   accuracy = float((predicted == labels).mean())
   result = {'test_accuracy': accuracy, 'num_models': config.num_models, 'first_prediction': {
       'index': index, 'confidences': probs[index].round(6).tolist(),
@@ -126,8 +103,8 @@ def classify_files(workdir: str, paths: list[str], as_json: bool = False,
                    figures_dir: str | None = '') -> int:
   """Prints the top-3 classes of each image file and draws what the model saw; returns the number
   of files that failed (each told in one line, the others still classified)."""
-  from fmnist_jax.inference import load_trained, predict_probs  # pylint: disable=g-import-not-at-top  (JAX)
-  config, graphdef, params = load_trained(workdir)
+  from fmnist_jax import inference  # pylint: disable=g-import-not-at-top  (JAX)
+  config, graphdef, params = inference.load_trained(workdir)
   loaded, failures = [], []
   for path in paths:
     try:
@@ -137,7 +114,7 @@ def classify_files(workdir: str, paths: list[str], as_json: bool = False,
       print(f'error: {_one_line(str(e))}', file=sys.stderr, flush=True)
   results = []
   if loaded:
-    probs = predict_probs(config, graphdef, params, np.stack([c for _, _, c in loaded]))
+    probs = inference.predict_probs(config, graphdef, params, np.stack([c for _, _, c in loaded]))
     out = workdir_lib.figures_folder(workdir, figures_dir)
     if out:
       from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
@@ -166,10 +143,10 @@ def robustness_report(workdir: str, num_images: int = 300, figures_dir: str | No
                       as_json: bool = False) -> dict:
   """Accuracy on test images turned into photos, per family, beside the untouched accuracy."""
   from fmnist_jax import robustness  # pylint: disable=g-import-not-at-top
-  from fmnist_jax.inference import load_trained, predict_probs  # pylint: disable=g-import-not-at-top  (JAX)
-  config, graphdef, params = load_trained(workdir)
+  from fmnist_jax import inference  # pylint: disable=g-import-not-at-top  (JAX)
+  config, graphdef, params = inference.load_trained(workdir)
   test = data.load(config.data)['test']
-  results = robustness.evaluate(lambda x: predict_probs(config, graphdef, params, x),
+  results = robustness.evaluate(lambda x: inference.predict_probs(config, graphdef, params, x),
                                 test['image'], test['label'], n_per_family=num_images)
   report = {'families': results, 'untouched_accuracy': results['untouched']['accuracy']}
   out = workdir_lib.figures_folder(workdir, figures_dir)

@@ -61,12 +61,12 @@ def test_predict_json_agrees_with_summary(workdir):
 def test_per_class_table_by_hand():
   matrix = np.zeros((10, 10), np.int64)
   matrix[0, 0], matrix[0, 6], matrix[6, 6], matrix[6, 0] = 8, 2, 5, 5
-  table = predict.per_class_table(matrix)
+  table = inference.per_class_table(matrix)
   assert table[0] == {'class': 'T-shirt/top', 'precision': 8 / 13, 'recall': 0.8,
                       'accuracy': 13 / 20, 'support': 10}  # TP 8, TN 5 of 20.
   assert table[6]['precision'] == 5 / 7 and table[6]['recall'] == 0.5
   assert table[6]['accuracy'] == 13 / 20 and table[3]['accuracy'] == 1.0
-  np.testing.assert_array_equal(predict.confusion_matrix(np.array([0, 0, 6]), np.array([0, 6, 6])
+  np.testing.assert_array_equal(inference.confusion_matrix(np.array([0, 0, 6]), np.array([0, 6, 6])
                                                          )[[0, 0, 6], [0, 6, 6]], [1, 1, 1])
 
 
