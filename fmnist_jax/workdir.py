@@ -265,8 +265,10 @@ def move_aside(workdir: str, source: str, label: str) -> str:
       checkpoints_damaged is not a folder); `source` is then left as it was.
   """
   aside = path(workdir, DAMAGED)
+  created = False
   try:
     os.mkdir(aside, 0o755)
+    created = True
   except FileExistsError:
     pass
   except OSError as e:
@@ -282,6 +284,9 @@ def move_aside(workdir: str, source: str, label: str) -> str:
   try:
     os.rename(source, target)
   except OSError as e:
+    if created:  # An empty checkpoints_damaged/ would say that something was set aside.
+      with contextlib.suppress(OSError):
+        os.rmdir(aside)
     raise storage_error(e, workdir) or WorkdirError(
         f'damaged checkpoint {source} cannot be moved to {aside} ({e.strerror}); it is kept '
         f'where it is: make it movable (chattr -R -i {source}, or fix its permissions) or move '
