@@ -66,8 +66,7 @@ def check_writable(folder: str, what: str, fix: str, error=None) -> str:
   try:
     os.makedirs(folder, exist_ok=True)
   except OSError as e:
-    raise storage_error(e, folder) or error(
-        f'{what} {folder} cannot be created ({e.strerror}); {fix}.') from None
+    raise error(f'{what} {folder} cannot be created ({e.strerror}); {fix}.') from None
   if not os.access(folder, os.W_OK | os.X_OK):
     raise error(f'{what} {folder} is not writable; {fix}.')
   return folder
@@ -473,6 +472,8 @@ def figures_folder(workdir: str, figures_dir: str | None) -> str | None:
     return None
   folder = os.path.abspath(figures_dir or path(workdir, FIGURES))
   try:
+    if not figures_dir:  # The workdir's own figures/: never a link out of it, nor a file.
+      _check_name(os.path.abspath(workdir), FIGURES)
     return check_writable(folder, 'figures folder', 'pass --figures_dir')
   except UserError as e:
     print(f'note: no figures written: {e}', file=sys.stderr, flush=True)

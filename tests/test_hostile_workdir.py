@@ -178,6 +178,19 @@ def test_links_at_replaced_files_are_replaced_never_followed(tmp_path):
   assert outside.read_text() == '{"test_accuracy": 1.0, "steps": 938}\n'
 
 
+def test_figures_are_never_drawn_through_a_link(tmp_path, capsys):
+  """predict and explore draw into <workdir>/figures: a link there means no figures, a note."""
+  workdir = tmp_path / 'run'
+  _run(workdir, tmp_path)
+  (tmp_path / 'elsewhere').mkdir()
+  os.symlink(tmp_path / 'elsewhere', workdir / 'figures')
+  assert workdir_lib.figures_folder(str(workdir), '') is None
+  assert f'note: no figures written: {workdir}/figures is a symbolic link' in (
+      capsys.readouterr().err)
+  chosen = tmp_path / 'chosen'  # A folder given with --figures_dir is the user's choice.
+  assert workdir_lib.figures_folder(str(workdir), str(chosen)) == str(chosen)
+
+
 def test_cli_refuses_a_linked_checkpoints_folder(tmp_path):
   workdir = tmp_path / 'run'
   _run(workdir, tmp_path)
