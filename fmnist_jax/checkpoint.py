@@ -20,9 +20,7 @@ the write, so its error (a full disk) is raised there.
 import hashlib
 import json
 import os
-import shutil
 import sys
-import time
 from typing import Any
 
 import jax
@@ -182,17 +180,10 @@ class Checkpointer:
     rename each, within the workdir, so nothing is ever half-moved."""
     if self.read_only or not steps:
       return
-    aside = workdir_lib.path(self.workdir, workdir_lib.DAMAGED)
     if jax.process_index() == 0:
       for step in steps:
-        target = os.path.join(aside, f'{step}-{int(time.time())}')
-        try:
-          os.makedirs(aside, exist_ok=True)
-          os.rename(os.path.join(self.directory, str(step)), target)
-        except OSError as e:
-          raise UserError(f'checkpoint {step} in {self.directory} is damaged and cannot be set '
-                          f'aside into {aside} ({e.strerror}); move it away yourself (or fix '
-                          'the permissions) and run the same command again.') from None
+        target = workdir_lib.move_aside(self.workdir, os.path.join(self.directory, str(step)),
+                                        str(step))
         if not quiet:
           self._log(f'moved damaged checkpoint {step} to {target}.')
     distributed.barrier('set_aside')
@@ -203,14 +194,6 @@ class Checkpointer:
       self.wait()
     finally:
       self._manager.close()
-
-
-def remove(workdir: str) -> None:
-  """Deletes the workdir's checkpoints and damaged ones (for --fresh; process 0 only)."""
-  for name in (workdir_lib.CHECKPOINTS, workdir_lib.DAMAGED):
-    folder = workdir_lib.path(workdir, name)
-    if os.path.isdir(folder) and not os.path.islink(folder):
-      shutil.rmtree(folder)
 
 
 def check_compatible(ckpt: Checkpointer, now: dict) -> None:

@@ -34,6 +34,7 @@ from fmnist_jax import workdir as workdir_lib
 from fmnist_jax.errors import DivergenceError, Interrupted, UserError
 from fmnist_jax.plan import RunPlan
 from fmnist_jax.signals import StopSignals
+from fmnist_jax import validate
 from fmnist_jax.validate import validate_config
 
 
@@ -52,12 +53,13 @@ def train_and_evaluate(config, workdir: str, fresh: bool = False) -> dict:
     Interrupted: after SIGTERM / SIGINT on any process, once a checkpoint is saved.
   """
   validate_config(config)
-  workdir = workdir_lib.prepare(workdir)
   distributed.initialize(config.distributed)
+  validate.check_sizes(config, validate.device_memory_bytes())  # Before any file is written.
+  workdir = workdir_lib.prepare(workdir, fresh=fresh)
   programs_lib.use_compile_cache(config.compile_cache_dir)
   with distributed.one_writer(workdir_lib.Lock(workdir)), workdir_lib.storage_errors(workdir):
     if fresh and distributed.is_main_process():
-      checkpoint_lib.remove(workdir)
+      workdir_lib.remove_for_fresh(workdir)
     distributed.barrier('fresh')  # Nobody opens the checkpoints while process 0 deletes them.
     return _run(config, workdir)
 

@@ -41,6 +41,11 @@ def test_overrides_reach_the_run(data_dir, tmp_path):
     (['--config.input_mode=streaming'], "unknown input_mode 'streaming'"),
     (['--config.model=cnn'], "unknown model 'cnn'"),
     (['--config.num_epochs=abc'], 'flag --config.num_epochs=abc'),
+    (['--config.seed=100000000000000000000000'], 'seed=100000000000000000000000 must be'),
+    (['--config.learning_rate=nan'], 'learning_rate=nan must be a finite number above 0'),
+    (['--config.learning_rate=inf'], 'learning_rate=inf must be a finite number above 0'),
+    (['--config.b1=nan'], 'b1=nan must be a number from 0 up to (not including) 1'),
+    (['--config.eps=0'], 'eps=0.0 must be a finite number above 0'),
 ])
 def test_bad_config_is_one_line(args, message, tmp_path):
   result = run_cli('fmnist_jax.train', '--config', 'configs/base.py', *args,
