@@ -17,9 +17,12 @@ background thread while the training goes on. Listing, the next save, wait() and
 the write, so its error (a full disk) is raised there.
 """
 
+import errno
+import glob
 import hashlib
 import json
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -73,6 +76,23 @@ def checksum(state, record: dict) -> str:
   return h.hexdigest()
 
 
+def _check_room(directory: str, state) -> None:
+  """Raises ENOSPC before a save that cannot fit: orbax writes a checkpoint from several threads,
+  and a write that fails midway leaves the others reporting into its closed event loop (tracebacks
+  on stderr). Room for the arrays plus a tenth and 1 MiB of metadata is asked for."""
+  need = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) * 1.1 + 2**20
+  info = os.statvfs(directory)
+  if info.f_bavail * info.f_frsize < need:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), directory)
+
+
+def _remove_partial(directory: str) -> None:
+  """Deletes orbax's temporary folders of a save that failed (process 0)."""
+  if jax.process_index() == 0:
+    for path in glob.glob(os.path.join(directory, '*.orbax-checkpoint-tmp*')):
+      shutil.rmtree(path, ignore_errors=True)
+
+
 class NoUsableCheckpoint(UserError):
   """Checkpoints exist (or did) but none can be restored: never silently start over on them."""
 
@@ -103,14 +123,21 @@ class Checkpointer:
 
   def save(self, state, record: dict) -> None:
     """Starts saving: the arrays are copied to the host now and written in the background."""
+    self.wait()  # The previous save's room is taken before this one's is measured.
+    _check_room(self.directory, state)
     record = dict(record, checksum=checksum(state, record))
     self._manager.save(int(record['step']), force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(as_tree(state)), record=ocp.args.JsonSave(record)))
 
   def wait(self) -> None:
-    """Returns when the last save is complete on disk (raises its error, if it failed)."""
+    """Returns when the last save is complete on disk (raises its error, if it failed, with no
+    partial checkpoint left)."""
     if not self.read_only:
-      self._manager.wait_until_finished()
+      try:
+        self._manager.wait_until_finished()
+      except BaseException:
+        _remove_partial(self.directory)
+        raise
 
   def steps(self) -> list[int]:
     """Complete checkpoints, newest first."""
