@@ -79,7 +79,7 @@ def _text(value) -> str:
 
 def name_parts(config, file_config) -> list[str]:
   """'field=value' for each NUMBERS or LENGTH field where `config` differs from `file_config`
-  (the config file's own values), in the table's order. Equal values add nothing, whatever the
+  (the config file's own values), in alphabetical order. Equal values add nothing, whatever the
   spelling of the override."""
   now, before = with_role(config, NUMBERS, LENGTH), with_role(file_config, NUMBERS, LENGTH)
   return [f'{name}={_text(value)}' for name, value in now.items() if value != before.get(name)]

@@ -47,9 +47,9 @@ class RunPlan:
     return -(-self.num_test // self.eval_batch_size)
 
   def with_profile_window(self, first_step: int, profile_steps: int) -> 'RunPlan':
-    """The plan with `profile_steps` steady-state steps traced: the window starts after the first
-    stop of this run's first epoch's steps (programs warm), or right away, and ends at most at
-    the last step."""
+    """The plan with `profile_steps` steady-state steps traced: the window starts that many steps
+    after this run's first step (the programs warm, the first chunk done) and ends at the last
+    step at the latest. Its edges are stops, which change no number."""
     if not profile_steps:
       return self
     start = min(first_step + profile_steps, self.total_steps - 1)

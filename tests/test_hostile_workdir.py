@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -30,6 +31,14 @@ from tests.conftest import ROOT, load_test_config, run_cli
 
 
 # Helpers -----------------------------------------------------------------------------------------
+
+
+def _remove(path) -> None:
+  """Deletes a file or a whole folder (what a test then replaces with something hostile)."""
+  if path.is_dir() and not path.is_symlink():
+    shutil.rmtree(path)
+  elif path.exists() or path.is_symlink():
+    path.unlink()
 
 
 def _snapshot(folder) -> dict:
@@ -147,15 +156,7 @@ def test_a_link_inside_a_folder_the_training_deletes_from_is_refused(where, tmp_
   (victim / 'precious').write_text('precious')
   path = workdir / where
   path.parent.mkdir(parents=True, exist_ok=True)
-  if path.is_dir():
-    for root, dirs, files in os.walk(path, topdown=False):
-      for name in files:
-        os.unlink(os.path.join(root, name))
-      for name in dirs:
-        os.rmdir(os.path.join(root, name))
-    path.rmdir()
-  elif path.exists():
-    path.unlink()
+  _remove(path)
   os.symlink(victim, path)
   before = _snapshot(tmp_path)
   _refused(lambda: workdir_lib.prepare(str(workdir)), f'{path} is a symbolic link')
@@ -304,15 +305,7 @@ def test_a_name_of_the_wrong_kind_is_one_line_and_nothing_changes(name, what, fr
   workdir = tmp_path / 'run'
   _run(workdir, tmp_path)
   path = workdir / name
-  if path.is_dir():
-    for root, dirs, files in os.walk(path, topdown=False):
-      for entry in files:
-        os.unlink(os.path.join(root, entry))
-      for entry in dirs:
-        os.rmdir(os.path.join(root, entry))
-    path.rmdir()
-  elif path.exists():
-    path.unlink()
+  _remove(path)
   _make(path, what)
   before = _snapshot(tmp_path)
   _refused(lambda: workdir_lib.prepare(str(workdir), fresh=fresh), f'{path} is a {what}, not a')
