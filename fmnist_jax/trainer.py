@@ -327,7 +327,6 @@ def stream_epoch_runner(run: Run, state) -> Callable:
       config.data, 'train')
   sharding = distributed.batch_sharded(run.mesh, 1)
   k = min(config.stream_chunk_steps, plan.steps_per_epoch)
-  local = config.batch_size // jax.process_count()
   spe = plan.steps_per_epoch
   data_spec = {
       'image': jax.ShapeDtypeStruct((k, config.batch_size, 28, 28), jnp.uint8, sharding=sharding),
@@ -336,32 +335,27 @@ def stream_epoch_runner(run: Run, state) -> Callable:
   chunk = _compiled_chunk(run, state, data_spec)
 
   def chunks(step, epoch):
-    """(device chunk, number of real batches) up to each stop of this epoch."""
-    batches = stream.batches(config.batch_size, shuffle_seed=epoch_seed(config.seed, epoch),
-                             skip_batches=step - epoch * spe, process_index=jax.process_index(),
-                             process_count=jax.process_count())
-    while step < (epoch + 1) * spe:
-      n = min(k, plan.next_stop(step) - step)
-      rows = [next(batches) for _ in range(n)]
-      stacked = {key: np.zeros((k, local) + rows[0][key].shape[1:], rows[0][key].dtype)
-                 for key in rows[0]}
-      for key, array in stacked.items():
-        array[:n] = [r[key] for r in rows]
-      yield distributed.put_local_batch(stacked, sharding), n
-      step += n
+    """(device chunk, number of real batches) of this epoch from `step` on."""
+    for rows, n in stream.chunks(config.batch_size, k, shuffle_seed=epoch_seed(config.seed, epoch),
+                                 skip_batches=step - epoch * spe,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count()):
+      yield distributed.put_local_batch(rows, sharding), n
 
   def run_epoch(state, history, epoch):
     start = time.perf_counter()
     step = int(state.step)
-    stop = False
     for data, n in _prefetched(chunks(step, epoch)):
-      state = chunk(state, data, jnp.int32(0), jnp.int32(n))
-      step += n
-      if step == plan.next_stop(step - n):
-        stop = after_chunk(run, state, history, epoch, start)
-        if stop:
-          break
-    return state, time.perf_counter() - start, stop
+      done = 0
+      while done < n:  # A chunk runs in pieces that end at the plan's stops.
+        piece = min(n - done, plan.next_stop(step) - step)
+        state = chunk(state, data, jnp.int32(done), jnp.int32(piece))
+        step += piece
+        done += piece
+        if step == plan.next_stop(step - piece) and after_chunk(run, state, history, epoch,
+                                                                start):
+          return state, time.perf_counter() - start, True
+    return state, time.perf_counter() - start, False
 
   return run_epoch
 

@@ -144,21 +144,66 @@ def test_unwritable_data_dir(tmp_path):
     data.load(_config(blocker / 'tfds'))
 
 
-def test_tfds_stream_pads_and_covers_every_example(config):
-  stream = data.TfdsStream(config.data, 'test')
-  batches = list(stream.batches(768))
-  assert len(batches) == 14  # ceil(10000 / 768)
-  assert all(b['image'].shape == (768, 28, 28) for b in batches)
-  assert sum(b['mask'].sum() for b in batches) == 10_000
-  assert batches[-1]['mask'][:10_000 - 13 * 768].all() and not batches[-1]['mask'][-1]
-  two = list(stream.batches(768, shuffle_seed=3))
-  again = list(stream.batches(768, shuffle_seed=3))
-  np.testing.assert_array_equal(two[0]['label'], again[0]['label'])  # Seeded: same order.
-  skipped = list(stream.batches(768, shuffle_seed=3, skip_batches=2))
-  np.testing.assert_array_equal(skipped[0]['image'], two[2]['image'])  # Resume inside an epoch.
-  halves = [list(stream.batches(768, process_index=p, process_count=2)) for p in (0, 1)]
+@pytest.fixture(scope='module')
+def tfds_stream(data_dir):
+  return data.TfdsStream(_config(data_dir), 'test')
+
+
+@pytest.mark.parametrize('kind', ['tfds', 'host'])
+def test_stream_chunks_pad_and_cover_every_example(kind, config, tfds_stream):
+  """Chunks [K, B, ...] of padded batches: every example once, the last chunk's padding zeros."""
+  stream = tfds_stream if kind == 'tfds' else data.HostStream(config.data, 'test')
+  chunks = list(stream.chunks(768, 5, shuffle_seed=3))  # 14 batches: chunks of 5, 5, 4.
+  assert [n for _, n in chunks] == [5, 5, 4]
+  for chunk, _ in chunks:
+    assert chunk['image'].shape == (5, 768, 28, 28) and chunk['image'].dtype == np.uint8
+    assert chunk['label'].shape == (5, 768) and chunk['label'].dtype == np.int32
+    assert chunk['mask'].shape == (5, 768) and chunk['mask'].dtype == np.float32
+  image = np.concatenate([c['image'] for c, _ in chunks]).reshape(-1, 28, 28)
+  label = np.concatenate([c['label'] for c, _ in chunks]).reshape(-1)
+  mask = np.concatenate([c['mask'] for c, _ in chunks]).reshape(-1)
+  assert mask[:10_000].all() and not mask[10_000:].any()
+  assert not image[10_000:].any() and not label[10_000:].any()  # Padding: zeros, mask 0.
+  test = data.load(config.data)['test']
+  def keyed(imgs, labs):
+    return sorted(zip((i.tobytes() for i in imgs), labs.tolist()))
+  assert keyed(image[:10_000], label[:10_000]) == keyed(test['image'], test['label'])
+  assert not np.array_equal(label[:10_000], test['label'])  # Shuffled.
+
+
+@pytest.mark.parametrize('kind', ['tfds', 'host'])
+def test_stream_chunks_replay_resume_and_split(kind, config, tfds_stream):
+  """Seeded order; skip_batches resumes inside a pass; processes split each global batch."""
+  stream = tfds_stream if kind == 'tfds' else data.HostStream(config.data, 'test')
+  chunks = lambda **kw: list(stream.chunks(768, 5, **kw))
+  first = chunks(shuffle_seed=3)
+  np.testing.assert_array_equal(chunks(shuffle_seed=3)[0][0]['label'], first[0][0]['label'])
+  assert not np.array_equal(chunks(shuffle_seed=4)[0][0]['label'], first[0][0]['label'])
+  resumed = chunks(shuffle_seed=3, skip_batches=7)  # Batches 7-11, 12-13.
+  assert [n for _, n in resumed] == [5, 2]
+  np.testing.assert_array_equal(resumed[0][0]['image'][:3], first[1][0]['image'][2:])
+  np.testing.assert_array_equal(resumed[1][0]['label'][:2], first[2][0]['label'][2:4])
+  halves = [chunks(shuffle_seed=3, process_index=p, process_count=2) for p in (0, 1)]
+  assert halves[0][0][0]['label'].shape == (5, 384)
   np.testing.assert_array_equal(
-      np.concatenate([halves[0][0]['label'], halves[1][0]['label']]), batches[0]['label'])
+      np.concatenate([halves[0][2][0]['mask'], halves[1][2][0]['mask']], axis=1),
+      first[2][0]['mask'])
+
+
+def test_tfds_order_is_the_shuffle_buffer_order(config, tfds_stream):
+  """The pass's order is that of a tf.data shuffle of the examples with data.shuffle_buffer (a
+  smaller buffer shuffles less), though the stream shuffles indices and gathers."""
+  data.import_tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder('fashion_mnist', data_dir=config.data.data_dir)
+  labels = builder.as_dataset(split='test', shuffle_files=False).map(lambda ex: ex['label'])
+  for buffer in (10_000, 100):
+    config.data.shuffle_buffer = buffer
+    stream = data.TfdsStream(config.data, 'test')
+    chunk, _ = next(stream.chunks(768, 2, shuffle_seed=5))
+    shuffled = labels.shuffle(buffer, seed=5, reshuffle_each_iteration=False)
+    expected = np.fromiter(shuffled.take(2 * 768).as_numpy_iterator(), np.int64)
+    np.testing.assert_array_equal(chunk['label'].reshape(-1), expected)
 
 
 def _damaged_copy(data_dir, root, damage):
