@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 import urllib.parse
 import zipfile
@@ -41,6 +42,9 @@ MANUAL_DIR_ENV = 'FMNIST_JAX_MANUAL_DIR'
 DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
 SPLITS = ('train', 'test')
 TFDS_VERSION = '3.0.1'  # tfds's fashion_mnist version; its files are those of this version.
+# Where tfds downloads from (tfds.image_classification.FashionMNIST.URL): known here so that an
+# offline machine is told so before TensorFlow loads.
+DOWNLOAD_URL = 'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/'
 
 HOW_TO_GET = (
     'install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or point '
@@ -85,6 +89,7 @@ def load(data_config, verbose: bool = False) -> Arrays:
   arrays = _load_copy(root)
   if arrays is not None:
     return arrays
+  check_source(data_config)
   with workdir_lib.storage_errors(root):
     start = time.perf_counter()
     _remove_leftovers(root)
@@ -107,6 +112,33 @@ def load(data_config, verbose: bool = False) -> Arrays:
     print(f'Prepared {DATASET} {version} in {root} ({time.perf_counter() - start:.1f} s).',
           flush=True)
   return arrays
+
+
+def check_source(data_config) -> None:
+  """Raises DataError when nothing can provide the data: no prepared tfds dataset, no local IDX
+  files, and no download (off, or its host unreachable within seconds).
+
+  Decided from files and one connection attempt, before TensorFlow is imported: on an offline
+  machine the error comes in seconds.
+  """
+  root = data_dir(data_config)
+  if glob.glob(os.path.join(root, DATASET, '*', 'dataset_info.json')):
+    return  # Prepared (perhaps damaged): tfds reads it, `load` heals or names the damage.
+  if manual_dir(data_config) is not None:
+    return
+  if not data_config.download:
+    raise DataError(f'Fashion-MNIST not found in {root} nor as local IDX files, and '
+                    f'data.download is off; {HOW_TO_GET}.')
+  _check_reachable()
+
+
+def _check_reachable() -> None:
+  """Raises DataError when tfds's download host is unreachable: decided in seconds, instead of
+  minutes of tfds's retries."""
+  unreachable = _unreachable(DOWNLOAD_URL)
+  if unreachable:
+    raise DataError(f'Fashion-MNIST not found locally and tfds cannot download it '
+                    f'({DOWNLOAD_URL} is unreachable: {unreachable}); {HOW_TO_GET}.')
 
 
 def _from_tfds(root: str, data_config, verbose: bool) -> tuple[Arrays, str]:
@@ -270,12 +302,8 @@ def _prepare(root: str, data_config, verbose: bool, local: Arrays | None = None)
     raise DataError(f'Fashion-MNIST not found in {data_dir(data_config)} nor as local IDX files, '
                     f'and data.download is off; {HOW_TO_GET}.')
   if source is None:
+    _check_reachable()
     builder = _builder(root)
-    url = tfds.image_classification.FashionMNIST.URL
-    unreachable = _unreachable(url)
-    if unreachable:  # Decided in seconds, instead of minutes of tfds's retries.
-      raise DataError(f'Fashion-MNIST not found locally and tfds cannot download it ({url} '
-                      f'is unreachable: {unreachable}); {HOW_TO_GET}.')
     if verbose:
       print(f'No local IDX files; asking tfds to download {DATASET}.', flush=True)
     try:
@@ -299,11 +327,20 @@ def _unreachable(url: str, timeout: float = 3.0) -> str | None:
   """Why `url`'s host cannot be reached (name lookup or TCP connect), or None when it can."""
   parts = urllib.parse.urlsplit(url)
   port = parts.port or (443 if parts.scheme == 'https' else 80)
-  try:
-    with socket.create_connection((parts.hostname, port), timeout=timeout):
-      return None
-  except OSError as e:
-    return e.strerror or type(e).__name__
+  answer = []
+
+  def probe():
+    try:
+      with socket.create_connection((parts.hostname, port), timeout=timeout):
+        answer.append(None)
+    except OSError as e:
+      answer.append(e.strerror or type(e).__name__)
+
+  # In a thread: the socket's timeout does not cover the name lookup, which can hang for longer.
+  thread = threading.Thread(target=probe, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  return answer[0] if answer else f'no answer within {timeout:g} s'
 
 
 def cli_verbose() -> bool:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import load_test_config
+from tests.conftest import load_test_config, ROOT
 
 from fmnist_jax import CLASS_NAMES, data, idx
 
@@ -125,6 +125,71 @@ def test_no_data_anywhere_says_how_to_get_it(tmp_path, monkeypatch):
   monkeypatch.delenv(data.MANUAL_DIR_ENV, raising=False)
   with pytest.raises(data.DataError, match='apt-get install dataset-fashion-mnist'):
     data.load(_config(tmp_path / 'tfds'))
+
+
+# As on a machine without Debian's dataset-fashion-mnist and without a network, whatever this one
+# has: the Debian path hidden, tfds's download host replaced by a port nothing listens on.
+_OFFLINE = """
+import runpy, sys
+import ml_collections
+from fmnist_jax import data
+data.DEBIAN_DIR = {hidden!r}
+data.DOWNLOAD_URL = 'http://127.0.0.1:1/'
+"""
+
+
+def _offline_env():
+  env = dict(os.environ)
+  env.pop(data.MANUAL_DIR_ENV, None)
+  return env
+
+
+def test_offline_error_comes_before_tensorflow(tmp_path):
+  """No data, no IDX files, no network: the error is decided before TensorFlow is imported."""
+  code = _OFFLINE.format(hidden=str(tmp_path / 'none')) + f"""
+config = ml_collections.ConfigDict(dict(data_dir={str(tmp_path / 'tfds')!r}, manual_dir='',
+                                        download=True))
+try:
+  data.load(config)
+except data.DataError as e:
+  print('DataError:', e)
+print('tensorflow' in sys.modules, 'tensorflow_datasets' in sys.modules)
+"""
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       env=_offline_env(), check=True).stdout.splitlines()
+  assert out[0].startswith('DataError: Fashion-MNIST not found locally and tfds cannot download')
+  assert 'http://127.0.0.1:1/ is unreachable' in out[0] and 'apt-get install' in out[0]
+  assert out[1] == 'False False'
+
+
+def test_offline_cli_error_is_one_line(tmp_path):
+  code = _OFFLINE.format(hidden=str(tmp_path / 'none')) + """
+sys.argv = ['train'] + sys.argv[1:]
+runpy.run_module('fmnist_jax.train', run_name='__main__', alter_sys=True)
+"""
+  result = subprocess.run(
+      [sys.executable, '-c', code, '--config', 'configs/test.py',
+       f'--config.data.data_dir={tmp_path / "tfds"}', f'--workdir={tmp_path / "w"}'],
+      capture_output=True, text=True, env=_offline_env(), cwd=ROOT, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and 'is unreachable' in errors[0], result.stderr[-2000:]
+
+
+def test_download_url_is_tfds_one():
+  data.import_tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  assert data.DOWNLOAD_URL == tfds.image_classification.FashionMNIST.URL
+
+
+def test_unreachable_answers_within_its_timeout(monkeypatch):
+  """A name lookup that hangs is cut at the timeout (the socket's own timeout does not cover it)."""
+  import socket
+  import time
+  assert data._unreachable('http://127.0.0.1:1/') == 'Connection refused'
+  monkeypatch.setattr(socket, 'getaddrinfo', lambda *args, **kwargs: time.sleep(3))
+  assert data._unreachable(data.DOWNLOAD_URL, timeout=0.2) == 'no answer within 0.2 s'
 
 
 def test_bad_idx_file_is_named(tmp_path, source_dir):
