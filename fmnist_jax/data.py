@@ -31,8 +31,8 @@ import zipfile
 from typing import Iterator
 
 import numpy as np
-from absl import logging
 
+from fmnist_jax import cli
 from fmnist_jax import idx
 from fmnist_jax import workdir as workdir_lib
 from fmnist_jax.errors import UserError
@@ -232,7 +232,7 @@ def _write_copy(root: str, version: str, arrays: Arrays) -> None:
 
 def import_tensorflow():
   """Imports TensorFlow with every GPU and TPU hidden from it, so it never takes their memory."""
-  if not cli_verbose():
+  if not cli.verbose():
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     # TensorFlow only decodes PNGs and batches here; its oneDNN kernels would only add a banner.
     os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
@@ -343,14 +343,9 @@ def _unreachable(url: str, timeout: float = 3.0) -> str | None:
   return answer[0] if answer else f'no answer within {timeout:g} s'
 
 
-def cli_verbose() -> bool:
-  """Whether absl's --verbosity asks for INFO or more (then framework messages are shown)."""
-  return logging.get_verbosity() >= logging.INFO
-
-
 @contextlib.contextmanager
 def _quiet_stdout():
-  if cli_verbose():
+  if cli.verbose():
     yield
     return
   with contextlib.redirect_stdout(io.StringIO()):
