@@ -5,6 +5,7 @@ and optimizer state are replicated. With one device every sharding is trivial an
 """
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import re
@@ -56,6 +57,7 @@ def initialize(dist_config) -> None:
 _ACCELERATOR_PLATFORMS = ('tpu', 'cuda', 'gpu', 'rocm')
 _ACCELERATOR_PACKAGES = (('libtpu', 'TPU'), ('jax_cuda12_plugin', 'CUDA GPU'),
                          ('jax_cuda13_plugin', 'CUDA GPU'))
+_backends_started = False
 
 
 def start_backends() -> None:
@@ -78,7 +80,7 @@ def start_backends() -> None:
     except RuntimeError as e:  # JAX_PLATFORMS names a platform that cannot start.
       error = ' '.join(str(e).split())
   if verbose():
-    os.write(2, held())
+    os.write(2, held)
   if error:
     raise UserError(f'{error}; --verbosity=0 shows the libraries\' own messages.')
   expected = expected_accelerators()
@@ -86,9 +88,6 @@ def start_backends() -> None:
     why = '' if verbose() else ' (--verbosity=0 shows why)'
     print(f'warning: no {" or ".join(expected)} could be used; running on the CPU{why}.',
           file=sys.stderr, flush=True)
-
-
-_backends_started = False
 
 
 def expected_accelerators() -> list[str]:
@@ -102,27 +101,28 @@ def expected_accelerators() -> list[str]:
                             if importlib.util.find_spec(package) is not None))
 
 
-class _held_stderr:  # pylint: disable=invalid-name  (used as a context manager)
-  """Sends file descriptor 2 (where C++ libraries print) to a temporary file for the block;
-  calling the object returns what was written there."""
-
-  def __enter__(self):
+@contextlib.contextmanager
+def _held_stderr():
+  """Sends file descriptor 2 (where C++ libraries print) to a temporary file for the block; the
+  bytearray yielded then holds what was written there. Shown at once if the block fails."""
+  held = bytearray()
+  sys.stderr.flush()
+  saved = os.dup(2)
+  file = tempfile.TemporaryFile()
+  os.dup2(file.fileno(), 2)
+  failed = True
+  try:
+    yield held
+    failed = False
+  finally:
     sys.stderr.flush()
-    self._file = tempfile.TemporaryFile()
-    self._saved = os.dup(2)
-    os.dup2(self._file.fileno(), 2)
-    return self
-
-  def __exit__(self, *exc):
-    sys.stderr.flush()
-    os.dup2(self._saved, 2)
-    os.close(self._saved)
-    self._file.seek(0)
-    self._text = self._file.read()
-    self._file.close()
-
-  def __call__(self) -> bytes:
-    return self._text
+    os.dup2(saved, 2)
+    os.close(saved)
+    file.seek(0)
+    held.extend(file.read())
+    file.close()
+    if failed:
+      os.write(2, held)
 
 
 # Gloo (the CPU collectives of a multi-process run) prints "[Gloo] Rank N is connected to M peer
