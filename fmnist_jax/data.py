@@ -12,6 +12,9 @@ Three layers, cheapest first:
    otherwise by tfds's own download. Both are atomic: tfds writes into a temporary folder and
    renames it, and the copy is written to a temporary file and renamed.
 
+Whether any layer can provide the data is decided from files and one connection attempt before
+TensorFlow is imported (`check_source`), so an offline machine without data is told in seconds.
+
 This module knows nothing about models or devices: it returns numpy arrays, and numpy chunks of K
 padded batches, `{'image': uint8 [K, B, 28, 28], 'label': int32 [K, B], 'mask': float32 [K, B]}`.
 """
