@@ -188,7 +188,10 @@ def test_unreachable_answers_within_its_timeout(monkeypatch):
   import socket
   import time
   assert data._unreachable('http://127.0.0.1:1/') == 'Connection refused'
-  monkeypatch.setattr(socket, 'getaddrinfo', lambda *args, **kwargs: time.sleep(3))
+  def hanging_lookup(*args, **kwargs):
+    time.sleep(3)
+    raise socket.gaierror('too late')
+  monkeypatch.setattr(socket, 'getaddrinfo', hanging_lookup)
   assert data._unreachable(data.DOWNLOAD_URL, timeout=0.2) == 'no answer within 0.2 s'
 
 
