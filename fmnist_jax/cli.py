@@ -49,13 +49,18 @@ def parse_flags(argv: Sequence[str], config_flags_to_load: Sequence[str] = ()) -
     raise UserError(_describe(e, argv)) from None
 
 
+def verbose() -> bool:
+  """Whether absl's --verbosity asks for INFO or more: then libraries' own messages are shown."""
+  return logging.get_verbosity() >= logging.INFO
+
+
 class _QuietFrameworks(pylogging.Filter):
   """Unless --verbosity asks for INFO or more, drops tfds's warnings about its own internals (e.g.
   "Variant folder ... has no dataset_info.json" while preparing) and orbax's log lines: an orbax
   failure also reaches the caller as an exception (a full disk, say), told once, in one line."""
 
   def filter(self, record):
-    if logging.get_verbosity() >= logging.INFO:
+    if verbose():
       return True
     if f'{os.sep}orbax{os.sep}' in record.pathname:
       return False

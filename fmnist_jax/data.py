@@ -12,8 +12,11 @@ Three layers, cheapest first:
    otherwise by tfds's own download. Both are atomic: tfds writes into a temporary folder and
    renames it, and the copy is written to a temporary file and renamed.
 
-This module knows nothing about models or devices: it returns numpy arrays and numpy batches of
-`{'image': uint8 [B, 28, 28], 'label': int32 [B], 'mask': float32 [B]}`.
+Whether any layer can provide the data is decided from files and one connection attempt before
+TensorFlow is imported (`check_source`), so an offline machine without data is told in seconds.
+
+This module knows nothing about models or devices: it returns numpy arrays, and numpy chunks of K
+padded batches, `{'image': uint8 [K, B, 28, 28], 'label': int32 [K, B], 'mask': float32 [K, B]}`.
 """
 
 import contextlib
@@ -24,14 +27,15 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 import urllib.parse
 import zipfile
 from typing import Iterator
 
 import numpy as np
-from absl import logging
 
+from fmnist_jax import cli
 from fmnist_jax import idx
 from fmnist_jax import workdir as workdir_lib
 from fmnist_jax.errors import UserError
@@ -41,6 +45,9 @@ MANUAL_DIR_ENV = 'FMNIST_JAX_MANUAL_DIR'
 DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
 SPLITS = ('train', 'test')
 TFDS_VERSION = '3.0.1'  # tfds's fashion_mnist version; its files are those of this version.
+# Where tfds downloads from (tfds.image_classification.FashionMNIST.URL): known here so that an
+# offline machine is told so before TensorFlow loads.
+DOWNLOAD_URL = 'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/'
 
 HOW_TO_GET = (
     'install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or point '
@@ -85,6 +92,7 @@ def load(data_config, verbose: bool = False) -> Arrays:
   arrays = _load_copy(root)
   if arrays is not None:
     return arrays
+  check_source(data_config)
   with workdir_lib.storage_errors(root):
     start = time.perf_counter()
     _remove_leftovers(root)
@@ -107,6 +115,33 @@ def load(data_config, verbose: bool = False) -> Arrays:
     print(f'Prepared {DATASET} {version} in {root} ({time.perf_counter() - start:.1f} s).',
           flush=True)
   return arrays
+
+
+def check_source(data_config) -> None:
+  """Raises DataError when nothing can provide the data: no prepared tfds dataset, no local IDX
+  files, and no download (off, or its host unreachable within seconds).
+
+  Decided from files and one connection attempt, before TensorFlow is imported: on an offline
+  machine the error comes in seconds.
+  """
+  root = data_dir(data_config)
+  if glob.glob(os.path.join(root, DATASET, '*', 'dataset_info.json')):
+    return  # Prepared (perhaps damaged): tfds reads it, `load` heals or names the damage.
+  if manual_dir(data_config) is not None:
+    return
+  if not data_config.download:
+    raise DataError(f'Fashion-MNIST not found in {root} nor as local IDX files, and '
+                    f'data.download is off; {HOW_TO_GET}.')
+  _check_reachable()
+
+
+def _check_reachable() -> None:
+  """Raises DataError when tfds's download host is unreachable: decided in seconds, instead of
+  minutes of tfds's retries."""
+  unreachable = _unreachable(DOWNLOAD_URL)
+  if unreachable:
+    raise DataError(f'Fashion-MNIST not found locally and tfds cannot download it '
+                    f'({DOWNLOAD_URL} is unreachable: {unreachable}); {HOW_TO_GET}.')
 
 
 def _from_tfds(root: str, data_config, verbose: bool) -> tuple[Arrays, str]:
@@ -200,7 +235,7 @@ def _write_copy(root: str, version: str, arrays: Arrays) -> None:
 
 def import_tensorflow():
   """Imports TensorFlow with every GPU and TPU hidden from it, so it never takes their memory."""
-  if not cli_verbose():
+  if not cli.verbose():
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     # TensorFlow only decodes PNGs and batches here; its oneDNN kernels would only add a banner.
     os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
@@ -270,12 +305,8 @@ def _prepare(root: str, data_config, verbose: bool, local: Arrays | None = None)
     raise DataError(f'Fashion-MNIST not found in {data_dir(data_config)} nor as local IDX files, '
                     f'and data.download is off; {HOW_TO_GET}.')
   if source is None:
+    _check_reachable()
     builder = _builder(root)
-    url = tfds.image_classification.FashionMNIST.URL
-    unreachable = _unreachable(url)
-    if unreachable:  # Decided in seconds, instead of minutes of tfds's retries.
-      raise DataError(f'Fashion-MNIST not found locally and tfds cannot download it ({url} '
-                      f'is unreachable: {unreachable}); {HOW_TO_GET}.')
     if verbose:
       print(f'No local IDX files; asking tfds to download {DATASET}.', flush=True)
     try:
@@ -299,21 +330,25 @@ def _unreachable(url: str, timeout: float = 3.0) -> str | None:
   """Why `url`'s host cannot be reached (name lookup or TCP connect), or None when it can."""
   parts = urllib.parse.urlsplit(url)
   port = parts.port or (443 if parts.scheme == 'https' else 80)
-  try:
-    with socket.create_connection((parts.hostname, port), timeout=timeout):
-      return None
-  except OSError as e:
-    return e.strerror or type(e).__name__
+  answer = []
 
+  def probe():
+    try:
+      with socket.create_connection((parts.hostname, port), timeout=timeout):
+        answer.append(None)
+    except OSError as e:
+      answer.append(e.strerror or type(e).__name__)
 
-def cli_verbose() -> bool:
-  """Whether absl's --verbosity asks for INFO or more (then framework messages are shown)."""
-  return logging.get_verbosity() >= logging.INFO
+  # In a thread: the socket's timeout does not cover the name lookup, which can hang for longer.
+  thread = threading.Thread(target=probe, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  return answer[0] if answer else f'no answer within {timeout:g} s'
 
 
 @contextlib.contextmanager
 def _quiet_stdout():
-  if cli_verbose():
+  if cli.verbose():
     yield
     return
   with contextlib.redirect_stdout(io.StringIO()):
@@ -330,112 +365,146 @@ def _read_tfds(builder) -> Arrays:
   return arrays
 
 
-class TfdsStream:
-  """The classic streaming pipeline: tfds -> tf.data (decode, cache, shuffle, batch, prefetch).
+Chunk = dict[str, np.ndarray]
 
-  Every example appears once per pass; the last batch is padded to the global batch size with
-  `mask` 0, so one compiled step serves all batches. Each process of a multi-process run reads the
-  same global batch and keeps its contiguous slice of rows, so the global batch is the same as in a
-  single-process run.
+
+def chunk_indices(order: np.ndarray, global_batch: int, chunk_batches: int, skip_batches: int,
+                  process_index: int, process_count: int) -> np.ndarray:
+  """Example indices [C, K, local] of a pass's chunks from batch `skip_batches` on.
+
+  `order` is the pass's permutation of the N examples. It is padded once, with the index N (a
+  zero example: mask 0), to whole chunks, so no batch is padded on its own. Each process keeps
+  rows [index * local, (index + 1) * local) of every global batch.
+  """
+  n = len(order)
+  steps = -(-n // global_batch)
+  num_chunks = -(-(steps - skip_batches) // chunk_batches)
+  total = (skip_batches + num_chunks * chunk_batches) * global_batch
+  padded = np.concatenate([order.astype(np.int32), np.full(total - n, n, np.int32)])
+  local = global_batch // process_count
+  grid = padded.reshape(-1, global_batch)[skip_batches:,
+                                          process_index * local:(process_index + 1) * local]
+  return grid.reshape(num_chunks, chunk_batches, local)
+
+
+def _real_batches(n: int, global_batch: int, chunk_batches: int, skip_batches: int, chunk: int):
+  """How many of chunk `chunk`'s batches hold examples (the last chunk of a pass holds fewer)."""
+  steps = -(-n // global_batch)
+  return min(chunk_batches, steps - skip_batches - chunk * chunk_batches)
+
+
+class TfdsStream:
+  """The classic streaming pipeline: tfds -> tf.data (decode once, shuffle, batch, prefetch).
+
+  The split is decoded once into tensors; each pass, tf.data shuffles the example indices (the
+  same order as shuffling the examples with `data.shuffle_buffer`), and gathers whole chunks of
+  padded batches from the decoded tensors, so one numpy array per chunk (not per batch) crosses
+  into Python. Each process of a multi-process run reads the same global batches and keeps its
+  contiguous slice of rows, so the global batch is the same as in a single-process run.
   """
 
   def __init__(self, data_config, split: str):
     self._config = data_config
     tf = import_tensorflow()
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    self._tf, self._tfds = tf, tfds
+    self._tf = tf
     builder = _builder(data_dir(data_config))
     if not builder.is_prepared():
       load(data_config)  # Prepares it (offline or by download) with the usual errors.
       builder = _builder(data_dir(data_config))
-    ds = builder.as_dataset(split=split, shuffle_files=False,
-                            read_config=tfds.ReadConfig(try_autocache=False))
-    # Decoded once and cached in memory: later epochs only shuffle and batch.
-    self._ds = ds.map(lambda ex: {'image': ex['image'][..., 0],
-                                  'label': tf.cast(ex['label'], tf.int32)},
-                      num_parallel_calls=tf.data.AUTOTUNE).cache()
+    whole = tfds.as_numpy(builder.as_dataset(
+        split=split, batch_size=-1, shuffle_files=False,
+        read_config=tfds.ReadConfig(try_autocache=False)))
+    self._size = len(whole['label'])
+    # One zero example at index N: the padding rows gather it (mask 0).
+    self._image = tf.constant(np.concatenate(
+        [whole['image'][..., 0], np.zeros((1,) + whole['image'].shape[1:3], np.uint8)]))
+    self._label = tf.constant(np.append(whole['label'].astype(np.int32), np.int32(0)))
+
+  def _order(self, shuffle_seed: int) -> np.ndarray:
+    """The pass's permutation: tf.data's shuffle (buffer `data.shuffle_buffer`) of the indices,
+    the same order a shuffle of the examples themselves gives, without moving images around."""
+    tf = self._tf
+    order = tf.data.Dataset.range(self._size).shuffle(
+        self._config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+    return order.batch(self._size).get_single_element().numpy()
 
   def chunks(self, global_batch: int, chunk_batches: int, *, shuffle_seed: int,
-             skip_batches: int = 0, process_index: int = 0, process_count: int = 1):
-    """Yields (chunk, n): `chunk_batches` consecutive batches of batches() as arrays
-    [chunk_batches, local, ...], n of them real (the rest zeros with mask 0)."""
-    yield from _stack_chunks(self.batches(
-        global_batch, shuffle_seed=shuffle_seed, skip_batches=skip_batches,
-        process_index=process_index, process_count=process_count), chunk_batches)
-
-  def batches(self, global_batch: int, *, shuffle_seed: int | None = None, skip_batches: int = 0,
-              process_index: int = 0, process_count: int = 1
-              ) -> Iterator[dict[str, np.ndarray]]:
-    """Yields this process's rows of each padded global batch, with `mask`.
+             skip_batches: int = 0, process_index: int = 0, process_count: int = 1
+             ) -> Iterator[tuple[Chunk, int]]:
+    """Yields (chunk, n): this process's rows of `chunk_batches` padded global batches of a pass.
 
     Args:
       global_batch: examples per step over all processes.
-      shuffle_seed: fixes this pass's order (one seed per epoch); None keeps the file order.
-      skip_batches: batches to skip first, to resume inside an epoch.
+      chunk_batches: K, batches per chunk; arrays are [K, local_batch, ...].
+      shuffle_seed: fixes this pass's order (one seed per epoch), so a resumed pass replays it.
+      skip_batches: batches to skip first, to resume inside a pass; chunks start at
+        skip_batches + i * K.
       process_index: this process's index; it keeps rows [index * local, (index + 1) * local).
       process_count: number of processes sharing each global batch.
+
+    Yields:
+      ({'image': uint8 [K, local, 28, 28], 'label': int32 [K, local], 'mask': float32 [K, local]},
+      n), n the number of real batches; the others are zeros with mask 0.
     """
     tf = self._tf
-    ds = self._ds
-    if shuffle_seed is not None:
-      ds = ds.shuffle(self._config.shuffle_buffer, seed=shuffle_seed,
-                      reshuffle_each_iteration=False)
-    ds = ds.batch(global_batch).skip(skip_batches).prefetch(tf.data.AUTOTUNE)
-    local = global_batch // process_count
-    rows = slice(process_index * local, (process_index + 1) * local)
-    for batch in self._tfds.as_numpy(ds):
-      yield {k: v[rows] for k, v in pad_batch(batch, global_batch).items()}
+    n = self._size
+    grid = chunk_indices(self._order(shuffle_seed), global_batch, chunk_batches, skip_batches,
+                         process_index, process_count)
+    image, label = self._image, self._label
+
+    def gather(indices):
+      return {'image': tf.gather(image, indices), 'label': tf.gather(label, indices),
+              'mask': tf.cast(indices < n, tf.float32)}
+
+    ds = tf.data.Dataset.from_tensor_slices(grid).map(gather).prefetch(1)
+    ds = ds.with_options(_pipeline_options(tf))
+    for i, chunk in enumerate(ds.as_numpy_iterator()):
+      yield chunk, _real_batches(n, global_batch, chunk_batches, skip_batches, i)
+
+
+def _pipeline_options(tf):
+  """tf.data options for a machine whose cores the compiled training loop also needs: one
+  gather per chunk needs no pool of threads, and a pool of them would compete with the loop."""
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = 1
+  options.threading.max_intra_op_parallelism = 1
+  options.autotune.enabled = False
+  return options
 
 
 class HostStream:
-  """Batches streamed from the decoded copy in host memory: shuffled with numpy, no TensorFlow.
+  """Chunks streamed from the decoded copy in host memory: shuffled with numpy, no TensorFlow.
 
   The same interface and padding as TfdsStream; for data that fits in the host's memory but not
-  on the device. The order of an epoch is fixed by its seed, so a resumed epoch replays it.
+  on the device. The order of a pass is fixed by its seed, so a resumed pass replays it.
   """
 
   def __init__(self, data_config, split: str):
-    self._split = load(data_config)[split]
+    split_arrays = load(data_config)[split]
+    self._size = len(split_arrays['label'])
+    # One zero example at index N: the padding rows gather it (mask 0).
+    self._arrays = {k: np.concatenate([v, np.zeros((1,) + v.shape[1:], v.dtype)])
+                    for k, v in split_arrays.items()}
 
   def chunks(self, global_batch: int, chunk_batches: int, *, shuffle_seed: int,
-             skip_batches: int = 0, process_index: int = 0, process_count: int = 1):
-    """Yields (chunk, n): `chunk_batches` consecutive batches of batches() as arrays
-    [chunk_batches, local, ...], n of them real (the rest zeros with mask 0)."""
-    yield from _stack_chunks(self.batches(
-        global_batch, shuffle_seed=shuffle_seed, skip_batches=skip_batches,
-        process_index=process_index, process_count=process_count), chunk_batches)
-
-  def batches(self, global_batch: int, *, shuffle_seed: int | None = None, skip_batches: int = 0,
-              process_index: int = 0, process_count: int = 1
-              ) -> Iterator[dict[str, np.ndarray]]:
-    """Yields this process's rows of each padded global batch, with `mask` (see TfdsStream)."""
-    n = len(self._split['label'])
-    order = (np.arange(n) if shuffle_seed is None
-             else np.random.default_rng(shuffle_seed).permutation(n))
-    local = global_batch // process_count
-    rows = slice(process_index * local, (process_index + 1) * local)
-    for start in range(skip_batches * global_batch, n, global_batch):
-      take = order[start:start + global_batch]
-      batch = pad_batch({k: v[take] for k, v in self._split.items()}, global_batch)
-      yield {k: v[rows] for k, v in batch.items()}
+             skip_batches: int = 0, process_index: int = 0, process_count: int = 1
+             ) -> Iterator[tuple[Chunk, int]]:
+    """Yields (chunk, n) as TfdsStream.chunks does."""
+    n = self._size
+    order = np.random.default_rng(shuffle_seed).permutation(n)
+    grid = chunk_indices(order, global_batch, chunk_batches, skip_batches, process_index,
+                         process_count)
+    for i, indices in enumerate(grid):
+      chunk = {k: v[indices] for k, v in self._arrays.items()}
+      chunk['mask'] = (indices < n).astype(np.float32)
+      yield chunk, _real_batches(n, global_batch, chunk_batches, skip_batches, i)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
   """The host shuffle seed of one epoch (stream and tfds modes): fixed, so a resumed epoch
   replays it."""
   return (seed * 1_000_003 + epoch) % (2**31 - 1)
-
-
-def _stack_chunks(batches, chunk_batches: int):
-  """(chunk [K, local, ...], n real batches) from an iterator of padded batches."""
-  while True:
-    rows = [b for _, b in zip(range(chunk_batches), batches)]
-    if not rows:
-      return
-    chunk = {k: np.zeros((chunk_batches,) + v.shape, v.dtype) for k, v in rows[0].items()}
-    for key, array in chunk.items():
-      array[:len(rows)] = [r[key] for r in rows]
-    yield chunk, len(rows)
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

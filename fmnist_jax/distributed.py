@@ -4,14 +4,22 @@ One mesh axis, 'data': the global batch is split over all devices of all process
 and optimizer state are replicated. With one device every sharding is trivial and nothing changes.
 """
 
+import atexit
 import contextlib
+import importlib.util
 import os
+import re
+import select
+import sys
+import tempfile
+import threading
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fmnist_jax.cli import verbose
 from fmnist_jax.errors import UserError
 
 DATA_AXIS = 'data'
@@ -23,14 +31,13 @@ _MULTI_PROCESS_ENV = ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORL
 
 
 def initialize(dist_config) -> None:
-  """Starts jax.distributed when the config or the environment asks for several processes.
+  """Starts jax.distributed when the config or the environment asks for several processes, then
+  JAX's backends (see start_backends).
 
   Must run before anything touches a device. Config fields win over the environment; with
-  neither, this is a single-process run and nothing is done.
+  neither, this is a single-process run and only the backends are started.
   """
-  if jax.distributed.is_initialized():
-    return
-  if dist_config.coordinator_address or dist_config.num_processes > 0:
+  if not jax.distributed.is_initialized():
     kwargs = {}
     if dist_config.coordinator_address:
       kwargs['coordinator_address'] = dist_config.coordinator_address
@@ -38,9 +45,141 @@ def initialize(dist_config) -> None:
       kwargs['num_processes'] = dist_config.num_processes
     if dist_config.process_id >= 0:
       kwargs['process_id'] = dist_config.process_id
-    jax.distributed.initialize(**kwargs)
-  elif any(os.environ.get(name) for name in _MULTI_PROCESS_ENV):
-    jax.distributed.initialize()
+    if kwargs or any(os.environ.get(name) for name in _MULTI_PROCESS_ENV):
+      if not verbose():
+        _drop_gloo_lines()
+      jax.distributed.initialize(**kwargs)
+  start_backends()
+
+
+# Platforms that JAX_PLATFORMS may name, and the packages of the `[tpu]` and `[cuda*]` installs:
+# where one is there, a run on the CPU is worth one line.
+_ACCELERATOR_PLATFORMS = ('tpu', 'cuda', 'gpu', 'rocm')
+_ACCELERATOR_PACKAGES = (('libtpu', 'TPU'), ('jax_cuda12_plugin', 'CUDA GPU'),
+                         ('jax_cuda13_plugin', 'CUDA GPU'))
+_backends_started = False
+
+
+def start_backends() -> None:
+  """Starts JAX's backends with what they print on stderr held back.
+
+  libtpu on a machine without a TPU prints warnings and errors about its own setup ("could not
+  determine TPU accelerator type", "unexpected worker hostname") that no environment setting
+  silences. They are shown with --verbosity=0 or more; otherwise, a fall back to the CPU where an
+  accelerator was expected is said in one line. A platform that JAX_PLATFORMS names and that
+  cannot start is a UserError.
+  """
+  global _backends_started
+  if _backends_started:
+    return
+  _backends_started = True
+  error = None
+  with _held_stderr() as held:
+    try:
+      backend = jax.default_backend()
+    except RuntimeError as e:  # JAX_PLATFORMS names a platform that cannot start.
+      error = ' '.join(str(e).split())
+  if verbose():
+    os.write(2, held)
+  if error:
+    raise UserError(f'{error}; --verbosity=0 shows the libraries\' own messages.')
+  expected = expected_accelerators()
+  if backend == 'cpu' and expected and jax.process_index() == 0:
+    why = '' if verbose() else ' (--verbosity=0 shows why)'
+    print(f'warning: no {" or ".join(expected)} could be used; running on the CPU{why}.',
+          file=sys.stderr, flush=True)
+
+
+def expected_accelerators() -> list[str]:
+  """The accelerators that JAX_PLATFORMS names or, without it, this install's accelerator
+  packages bring (empty for a CPU-only install or JAX_PLATFORMS=cpu)."""
+  platforms = jax.config.jax_platforms
+  if platforms:
+    named = [p.strip() for p in platforms.lower().split(',')]
+    return [p.upper() for p in named if p in _ACCELERATOR_PLATFORMS]
+  return list(dict.fromkeys(kind for package, kind in _ACCELERATOR_PACKAGES
+                            if importlib.util.find_spec(package) is not None))
+
+
+@contextlib.contextmanager
+def _held_stderr():
+  """Sends file descriptor 2 (where C++ libraries print) to a temporary file for the block; the
+  bytearray yielded then holds what was written there. Shown at once if the block fails."""
+  held = bytearray()
+  sys.stderr.flush()
+  saved = os.dup(2)
+  file = tempfile.TemporaryFile()
+  os.dup2(file.fileno(), 2)
+  failed = True
+  try:
+    yield held
+    failed = False
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    file.seek(0)
+    held.extend(file.read())
+    file.close()
+    if failed:
+      os.write(2, held)
+
+
+# Gloo (the CPU collectives of a multi-process run) prints "[Gloo] Rank N is connected to M peer
+# ranks. Expected number of connected peer ranks is : M" for every new group of devices, on stdout
+# and stderr, from C++ with no log level to turn it off. Pieces of two such lines written at once
+# can interleave, hence the second pattern.
+_GLOO_LINE = re.compile(rb'\[Gloo\]|connected peer ranks')
+
+
+def _drop_gloo_lines() -> None:
+  """Filters Gloo's connection lines out of this process's stdout and stderr (file descriptors 1
+  and 2), until the process exits."""
+  for fd in (1, 2):
+    _LineFilter(fd, _GLOO_LINE)
+
+
+class _LineFilter:
+  """Passes what is written to file descriptor `fd` on to where it went before, less the lines
+  that match `pattern`. A thread copies; an unfinished line is held at most `hold` seconds (a
+  progress bar rewritten with '\r' still moves)."""
+
+  def __init__(self, fd: int, pattern: re.Pattern, hold: float = 0.05):
+    self._fd, self._pattern, self._hold = fd, pattern, hold
+    self._target = os.dup(fd)
+    self._source, write_end = os.pipe()
+    os.dup2(write_end, fd)
+    os.close(write_end)
+    self._thread = threading.Thread(target=self._copy, daemon=True)
+    self._thread.start()
+    atexit.register(self.close)
+
+  def _copy(self) -> None:
+    pending = b''
+    while True:
+      ready, _, _ = select.select([self._source], [], [], self._hold)
+      if not ready:
+        if not self._pattern.search(pending):
+          self._write(pending)  # A line left unfinished (a progress bar): pass on what there is.
+        pending = b''
+        continue
+      data = os.read(self._source, 65536)
+      if not data:  # Closed: the process is exiting.
+        self._write(pending)
+        return
+      *lines, pending = (pending + data).split(b'\n')
+      self._write(b''.join(line + b'\n' for line in lines if not self._pattern.search(line)))
+
+  def _write(self, data: bytes) -> None:
+    while data:
+      data = data[os.write(self._target, data):]
+
+  def close(self) -> None:
+    """Gives `fd` back its old destination; what was written before is passed on first."""
+    for stream in (sys.stdout, sys.stderr):
+      stream.flush()
+    os.dup2(self._target, self._fd)  # Closes the pipe's last write end: the copier sees its end.
+    self._thread.join(timeout=5)
 
 
 def make_mesh() -> Mesh:

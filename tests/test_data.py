@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import load_test_config
+from tests.conftest import load_test_config, ROOT
 
 from fmnist_jax import CLASS_NAMES, data, idx
 
@@ -127,6 +127,74 @@ def test_no_data_anywhere_says_how_to_get_it(tmp_path, monkeypatch):
     data.load(_config(tmp_path / 'tfds'))
 
 
+# As on a machine without Debian's dataset-fashion-mnist and without a network, whatever this one
+# has: the Debian path hidden, tfds's download host replaced by a port nothing listens on.
+_OFFLINE = """
+import runpy, sys
+import ml_collections
+from fmnist_jax import data
+data.DEBIAN_DIR = {hidden!r}
+data.DOWNLOAD_URL = 'http://127.0.0.1:1/'
+"""
+
+
+def _offline_env():
+  env = dict(os.environ)
+  env.pop(data.MANUAL_DIR_ENV, None)
+  return env
+
+
+def test_offline_error_comes_before_tensorflow(tmp_path):
+  """No data, no IDX files, no network: the error is decided before TensorFlow is imported."""
+  code = _OFFLINE.format(hidden=str(tmp_path / 'none')) + f"""
+config = ml_collections.ConfigDict(dict(data_dir={str(tmp_path / 'tfds')!r}, manual_dir='',
+                                        download=True))
+try:
+  data.load(config)
+except data.DataError as e:
+  print('DataError:', e)
+print('tensorflow' in sys.modules, 'tensorflow_datasets' in sys.modules)
+"""
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       env=_offline_env(), check=True).stdout.splitlines()
+  assert out[0].startswith('DataError: Fashion-MNIST not found locally and tfds cannot download')
+  assert 'http://127.0.0.1:1/ is unreachable' in out[0] and 'apt-get install' in out[0]
+  assert out[1] == 'False False'
+
+
+def test_offline_cli_error_is_one_line(tmp_path):
+  code = _OFFLINE.format(hidden=str(tmp_path / 'none')) + """
+sys.argv = ['train'] + sys.argv[1:]
+runpy.run_module('fmnist_jax.train', run_name='__main__', alter_sys=True)
+"""
+  result = subprocess.run(
+      [sys.executable, '-c', code, '--config', 'configs/test.py',
+       f'--config.data.data_dir={tmp_path / "tfds"}', f'--workdir={tmp_path / "w"}'],
+      capture_output=True, text=True, env=_offline_env(), cwd=ROOT, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and 'is unreachable' in errors[0], result.stderr[-2000:]
+
+
+def test_download_url_is_tfds_one():
+  data.import_tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  assert data.DOWNLOAD_URL == tfds.image_classification.FashionMNIST.URL
+
+
+def test_unreachable_answers_within_its_timeout(monkeypatch):
+  """A name lookup that hangs is cut at the timeout (the socket's own timeout does not cover it)."""
+  import socket
+  import time
+  assert data._unreachable('http://127.0.0.1:1/') == 'Connection refused'
+  def hanging_lookup(*args, **kwargs):
+    time.sleep(3)
+    raise socket.gaierror('too late')
+  monkeypatch.setattr(socket, 'getaddrinfo', hanging_lookup)
+  assert data._unreachable(data.DOWNLOAD_URL, timeout=0.2) == 'no answer within 0.2 s'
+
+
 def test_bad_idx_file_is_named(tmp_path, source_dir):
   import shutil
   manual = tmp_path / 'manual'
@@ -144,21 +212,66 @@ def test_unwritable_data_dir(tmp_path):
     data.load(_config(blocker / 'tfds'))
 
 
-def test_tfds_stream_pads_and_covers_every_example(config):
-  stream = data.TfdsStream(config.data, 'test')
-  batches = list(stream.batches(768))
-  assert len(batches) == 14  # ceil(10000 / 768)
-  assert all(b['image'].shape == (768, 28, 28) for b in batches)
-  assert sum(b['mask'].sum() for b in batches) == 10_000
-  assert batches[-1]['mask'][:10_000 - 13 * 768].all() and not batches[-1]['mask'][-1]
-  two = list(stream.batches(768, shuffle_seed=3))
-  again = list(stream.batches(768, shuffle_seed=3))
-  np.testing.assert_array_equal(two[0]['label'], again[0]['label'])  # Seeded: same order.
-  skipped = list(stream.batches(768, shuffle_seed=3, skip_batches=2))
-  np.testing.assert_array_equal(skipped[0]['image'], two[2]['image'])  # Resume inside an epoch.
-  halves = [list(stream.batches(768, process_index=p, process_count=2)) for p in (0, 1)]
+@pytest.fixture(scope='module')
+def tfds_stream(data_dir):
+  return data.TfdsStream(_config(data_dir), 'test')
+
+
+@pytest.mark.parametrize('kind', ['tfds', 'host'])
+def test_stream_chunks_pad_and_cover_every_example(kind, config, tfds_stream):
+  """Chunks [K, B, ...] of padded batches: every example once, the last chunk's padding zeros."""
+  stream = tfds_stream if kind == 'tfds' else data.HostStream(config.data, 'test')
+  chunks = list(stream.chunks(768, 5, shuffle_seed=3))  # 14 batches: chunks of 5, 5, 4.
+  assert [n for _, n in chunks] == [5, 5, 4]
+  for chunk, _ in chunks:
+    assert chunk['image'].shape == (5, 768, 28, 28) and chunk['image'].dtype == np.uint8
+    assert chunk['label'].shape == (5, 768) and chunk['label'].dtype == np.int32
+    assert chunk['mask'].shape == (5, 768) and chunk['mask'].dtype == np.float32
+  image = np.concatenate([c['image'] for c, _ in chunks]).reshape(-1, 28, 28)
+  label = np.concatenate([c['label'] for c, _ in chunks]).reshape(-1)
+  mask = np.concatenate([c['mask'] for c, _ in chunks]).reshape(-1)
+  assert mask[:10_000].all() and not mask[10_000:].any()
+  assert not image[10_000:].any() and not label[10_000:].any()  # Padding: zeros, mask 0.
+  test = data.load(config.data)['test']
+  def keyed(imgs, labs):
+    return sorted(zip((i.tobytes() for i in imgs), labs.tolist()))
+  assert keyed(image[:10_000], label[:10_000]) == keyed(test['image'], test['label'])
+  assert not np.array_equal(label[:10_000], test['label'])  # Shuffled.
+
+
+@pytest.mark.parametrize('kind', ['tfds', 'host'])
+def test_stream_chunks_replay_resume_and_split(kind, config, tfds_stream):
+  """Seeded order; skip_batches resumes inside a pass; processes split each global batch."""
+  stream = tfds_stream if kind == 'tfds' else data.HostStream(config.data, 'test')
+  chunks = lambda **kw: list(stream.chunks(768, 5, **kw))
+  first = chunks(shuffle_seed=3)
+  np.testing.assert_array_equal(chunks(shuffle_seed=3)[0][0]['label'], first[0][0]['label'])
+  assert not np.array_equal(chunks(shuffle_seed=4)[0][0]['label'], first[0][0]['label'])
+  resumed = chunks(shuffle_seed=3, skip_batches=7)  # Batches 7-11, 12-13.
+  assert [n for _, n in resumed] == [5, 2]
+  np.testing.assert_array_equal(resumed[0][0]['image'][:3], first[1][0]['image'][2:])
+  np.testing.assert_array_equal(resumed[1][0]['label'][:2], first[2][0]['label'][2:4])
+  halves = [chunks(shuffle_seed=3, process_index=p, process_count=2) for p in (0, 1)]
+  assert halves[0][0][0]['label'].shape == (5, 384)
   np.testing.assert_array_equal(
-      np.concatenate([halves[0][0]['label'], halves[1][0]['label']]), batches[0]['label'])
+      np.concatenate([halves[0][2][0]['mask'], halves[1][2][0]['mask']], axis=1),
+      first[2][0]['mask'])
+
+
+def test_tfds_order_is_the_shuffle_buffer_order(config, tfds_stream):
+  """The pass's order is that of a tf.data shuffle of the examples with data.shuffle_buffer (a
+  smaller buffer shuffles less), though the stream shuffles indices and gathers."""
+  data.import_tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder('fashion_mnist', data_dir=config.data.data_dir)
+  labels = builder.as_dataset(split='test', shuffle_files=False).map(lambda ex: ex['label'])
+  for buffer in (10_000, 100):
+    config.data.shuffle_buffer = buffer
+    stream = data.TfdsStream(config.data, 'test')
+    chunk, _ = next(stream.chunks(768, 2, shuffle_seed=5))
+    shuffled = labels.shuffle(buffer, seed=5, reshuffle_each_iteration=False)
+    expected = np.fromiter(shuffled.take(2 * 768).as_numpy_iterator(), np.int64)
+    np.testing.assert_array_equal(chunk['label'].reshape(-1), expected)
 
 
 def _damaged_copy(data_dir, root, damage):

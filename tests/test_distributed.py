@@ -184,3 +184,62 @@ def test_many_models_at_once(one_device, config, tmp_path):
   assert summary['param_count'] == one_device['param_count']
   # Model 0 has the single-model run's seed and learning rate: the same training, vmapped.
   assert per_model[0] == pytest.approx(one_device['test_accuracy'], abs=0.005)
+
+
+# Libraries' own messages, held back unless --verbosity asks for them.
+
+_FAKE_TPU = """
+import os, sys, types
+from absl import logging
+logging.set_verbosity(int(sys.argv[1]))
+import jax
+from fmnist_jax import distributed
+real = jax.default_backend
+def noisy():  # What libtpu prints from C++ on a machine without a TPU.
+  os.write(2, b'E0000 common_lib.cc:554] unexpected worker hostname\\n')
+  return real()
+jax.default_backend = noisy
+distributed._ACCELERATOR_PACKAGES = (('json', 'TPU'),)  # An installed module stands in for libtpu.
+config = types.SimpleNamespace(coordinator_address='', num_processes=0, process_id=-1)
+distributed.initialize(config)
+distributed.initialize(config)  # train.py and the trainer both call it: one line all the same.
+print(real())
+"""
+
+
+def _run(*args):
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  result = subprocess.run([sys.executable, '-c', *args], capture_output=True, env=env, cwd=ROOT,
+                          check=True)
+  result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()  # Keeps '\r'.
+  return result
+
+
+def test_accelerator_messages_held_back_and_the_fallback_said_once():
+  quiet = _run(_FAKE_TPU, '-1')
+  assert quiet.stdout == 'cpu\n'
+  assert quiet.stderr.splitlines() == [
+      'warning: no TPU could be used; running on the CPU (--verbosity=0 shows why).']
+  loud = _run(_FAKE_TPU, '0')
+  assert 'unexpected worker hostname' in loud.stderr
+  assert 'warning: no TPU could be used; running on the CPU.' in loud.stderr
+
+
+def test_gloo_lines_are_dropped_and_the_rest_passes():
+  code = """
+import os, sys, time
+from fmnist_jax import distributed
+distributed._drop_gloo_lines()
+print('before', flush=True)
+os.write(1, b'[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\\n')
+for piece in (b'[Gloo] Rank ', b'[Gloo] Rank 3', b' is connected to 3 peer ranks. Expected number of '
+              b'connected peer ranks is : 3\\n2', b' is connected to 3 peer ranks. Expected number of '
+              b'connected peer ranks is : 3\\n'):
+  os.write(2, piece)  # Two threads' unbuffered pieces, interleaved.
+sys.stdout.write('progress 1\\r'); sys.stdout.flush(); time.sleep(0.2)
+print('progress 2')
+print('error: one line', file=sys.stderr)
+"""
+  result = _run(code)
+  assert result.stdout == 'before\nprogress 1\rprogress 2\n'
+  assert result.stderr == 'error: one line\n'
