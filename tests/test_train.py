@@ -191,3 +191,21 @@ def test_profile_steps_writes_a_trace_and_changes_nothing(device_run, config, tm
   assert traces and all(t.stat().st_size > 0 for t in traces)
   for key in ('test_loss', 'train_loss', 'test_accuracy'):
     assert traced[key] == summary[key]
+
+
+def test_tfds_resume_with_another_shuffle_buffer_is_refused(config, tmp_path, device_run):
+  """data.shuffle_buffer orders the tfds mode's data: another value cannot resume it (one line
+  naming it); the device mode ignores the field, so any value resumes (here: reports) it."""
+  config.input_mode = 'tfds'
+  config.data.shuffle_buffer = 1000
+  loop.train_and_evaluate(config, str(tmp_path))
+  before = sorted(p.name for p in tmp_path.rglob('*'))
+  config.data.shuffle_buffer = 60_000
+  config.num_epochs = 2
+  with pytest.raises(UserError, match=r'data\.shuffle_buffer \(checkpoint 1000, now 60000\)'):
+    loop.train_and_evaluate(config, str(tmp_path))
+  assert sorted(p.name for p in tmp_path.rglob('*')) == before
+  device_config, workdir, summary = device_run
+  device_config = device_config.copy_and_resolve_references()
+  device_config.data.shuffle_buffer = 5
+  assert loop.train_and_evaluate(device_config, str(workdir)) == summary
