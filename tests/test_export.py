@@ -1,5 +1,6 @@
 """fmnist_jax.export: every program lowers for TPU and GPU, and the predict export serves."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -133,3 +134,163 @@ def test_the_export_lowers_what_the_trainer_compiles(overrides):
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
   assert result.stdout.strip() == 'same', result.stderr[-3000:]
+
+
+# Compiling with the accelerators' own compilers (--tpu, --gpu) ----------------------------------
+
+HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
+HAS_CUDA_PLUGIN = any(importlib.util.find_spec(m) for m in ('jax_cuda12_plugin',
+                                                             'jax_cuda13_plugin'))
+
+
+def one_line_error(*flags):
+  result = run_cli('fmnist_jax.export', '--config', 'configs/base.py', *flags, '--out',
+                   '/nonexistent/never-written')
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-3000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize('flag, expected', [
+    ('--tpu=v5e:1x1,v7:2x2', "unknown TPU 'v7' in --tpu v7:2x2; choose from v2, v3, v4, v5e, "
+                            'v5p, v6e'),
+    ('--tpu=v4:2x2', 'v4 needs a shape of 3 sizes, e.g. v4:2x2x2.'),
+    ('--gpu=t4,b9000', 'unknown GPU b9000 in --gpu; choose from t4,l4,a100,a100-80,h100,h200.'),
+])
+def test_bad_target_names_are_one_line_errors(flag, expected):
+  assert expected in one_line_error(flag)
+
+
+def test_a_batch_that_does_not_divide_over_the_chips_is_one_line_error():
+  # v3:2x2 is 4 chips of 2 cores each: 8 JAX devices; 36 = 4 x 9 divides over the chips only.
+  line = one_line_error('--tpu=v5e:1x1,v3:2x2', '--config.batch_size=36')
+  assert line == ('error: batch_size=36 does not divide over the 8 devices of --tpu v3:2x2; use a '
+                  'multiple of 8, e.g. --config.batch_size=32 or 40, or fewer devices.')
+  assert '8 devices of 8 x h100' in one_line_error('--gpu=t4,h100', '--config.batch_size=36')
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason='libtpu is installed here')
+def test_no_libtpu_names_the_install():
+  line = one_line_error('--tpu=v5e:1x1')
+  assert "libtpu, which is not installed here: pip install -e '.[tpu]'." in line
+
+
+@pytest.mark.skipif(HAS_CUDA_PLUGIN, reason="jax's CUDA plugin is installed here")
+def test_no_cuda_plugin_names_the_install():
+  line = one_line_error('--gpu=t4')
+  assert "CUDA plugin, which is not installed here: pip install -e '.[cuda12]'." in line
+
+
+def test_tpu_topologies_parse_into_chips_devices_and_hosts():
+  from fmnist_jax import accelerators
+  colab = accelerators.parse_tpu('v5e:1x1')
+  assert (colab.chips, colab.devices, colab.chips_per_host_bounds) == (1, 1, (1, 1, 1))
+  assert colab.info.hbm_bytes == 16 * 2**30 and colab.info.device_kind == 'TPU v5 lite'
+  assert accelerators.parse_tpu('v5e:2x4').chips_per_host_bounds == (2, 4, 1)  # One v5e-8 host.
+  assert accelerators.parse_tpu('v6e:4x4').chips_per_host_bounds == (2, 2, 1)  # 4 hosts.
+  v3 = accelerators.parse_tpu('V3:2x2')
+  assert (v3.chips, v3.devices, v3.info.hbm_bytes) == (4, 8, 16 * 2**30)  # 32 GiB per 2 cores.
+  assert accelerators.parse_tpu('v4:2x2x1').chips_per_host_bounds == (2, 2, 1)
+
+
+def test_gpu_specs_parse_and_match_the_vendors_numbers():
+  from fmnist_jax import accelerators, hardware
+  spec = accelerators.parse_gpu_spec(accelerators.GPUS['t4'].target_config)
+  assert spec['core_count'] == 40 and spec['memory_bandwidth'] == 320e9
+  assert spec['major'] == 7 and spec['minor'] == 5 and spec['clock_rate_ghz'] == 1.59
+  assert spec['device_description_str'] == 'Tesla T4'
+  # Memory CUDA reports, below the nominal sizes: T4 16, L4 24, A100 40/80, H100 80, H200 141 GB.
+  nominal = {'t4': 16, 'l4': 24, 'a100': 40, 'a100-80': 80, 'h100': 80, 'h200': 141}
+  for name, gpu in accelerators.GPUS.items():
+    assert 0.9 * nominal[name] * 1e9 < gpu.memory_bytes <= nominal[name] * 2**30, name
+    assert hardware.peak_flops(gpu.device_kind, 'float32'), name  # Every GPU has a roofline.
+    assert gpu.spec['platform_name'] == 'CUDA' and gpu.machine_sizes[0] == 1
+  h100 = accelerators.GPUS['h100'].spec
+  assert (h100['memory_bandwidth'], h100['major'], h100['core_count']) == (3352320000000, 9, 132)
+  assert accelerators.parse_gpus(['T4', ' h100']) == [accelerators.GPUS['t4'],
+                                                     accelerators.GPUS['h100']]
+
+
+def test_roofline_is_the_slower_of_arithmetic_and_memory_traffic():
+  from fmnist_jax import accelerators
+  assert accelerators.roofline_seconds(2e12, 1e9, 1e12, 1e12) == 2.0  # Compute bound.
+  assert accelerators.roofline_seconds(1e9, 3e12, 1e12, 1e12) == 3.0  # Memory bound.
+  # One train step at batch 32 on a T4 in float32: 1.45e7 flops at 8.1 TFLOP/s take 1.8 us,
+  # 9.9 MB at 320 GB/s take 31 us: memory bound.
+  t4 = accelerators.GPUS['t4']
+  assert accelerators.gpu_roofline(t4, 'float32', 1.45e7, 9.9e6) == pytest.approx(9.9e6 / 320e9)
+  assert accelerators.gpu_roofline(t4, 'float32', 8.1e12, 0) == pytest.approx(1.0)
+
+
+def test_a_program_that_does_not_fit_is_named_in_one_line():
+  from fmnist_jax import accelerators
+  from fmnist_jax.errors import UserError
+  gib = 2**30
+  fits = {'topology': 'v5e:1x1', 'program': 'evaluate',
+          'memory_bytes': {'argument': gib, 'output': 0, 'temp': 2 * gib, 'generated_code': 0}}
+  big = dict(fits, program='train_chunk', memory_bytes=dict(fits['memory_bytes'], temp=16 * gib))
+  accelerators.check_memory([fits], lambda r: 16 * gib)
+  with pytest.raises(UserError) as error:
+    accelerators.check_memory([fits, big], lambda r: 16 * gib)
+  assert str(error.value) == ('does not fit: train_chunk on v5e:1x1 needs 17.00 GiB of 16.00 GiB '
+                              'per device; use a smaller batch_size or eval_batch_size, fewer '
+                              'num_models, or more chips.')
+
+
+def test_table_names_estimates_and_shares_of_memory():
+  from fmnist_jax import accelerators, export
+  record = {'topology': 't4', 'devices': 1, 'program': 'train_step', 'compile_seconds': 1.5,
+            'memory_bytes': {'argument': 2**28, 'output': 2**28, 'temp': 2**29, 'generated_code': 0},
+            'flops': 1.45e7, 'bytes_accessed': 9.9e6, 'estimated_seconds': 3.1e-5, 'steps': 1}
+  table = export.format_table([record], 'gpu', lambda r: accelerators.GPUS['t4'].memory_bytes)
+  assert 'roofline bounds' in table and 'not measurements' in table
+  row = table.splitlines()[2].split()
+  assert row[:4] == ['t4', '1', 'train_step', '1.5']
+  assert '1,024.0 MiB' in table and '6.78%' in table and '14.50' in table and '31.0 us' in table
+  tpu = export.format_table([dict(record, topology='v5e:1x1')], 'tpu', export.tpu_capacity)
+  assert "XLA:TPU's cost model, not measurements" in tpu and '6.25%' in tpu
+
+
+def test_the_chunks_cost_covers_unroll_plus_one_steps():
+  """steps_covered's claim, checked on the CPU compiler: the chunk's flops are (loop_unroll + 1)
+  train steps' (its two loop bodies, counted once each), plus the batch gathers."""
+  import jax
+  from fmnist_jax import config_files, export
+  config = config_files.base()
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  progs = export.compiled_programs(config, mesh, names=('train_step', 'train_chunk'))
+  step, chunk = (export._cost(progs[n].lower().compile())['flops'] for n in ('train_step',
+                                                                              'train_chunk'))
+  steps = export.steps_covered('train_chunk', config)
+  assert steps == config.loop_unroll + 1 == 5
+  assert steps * step <= chunk < steps * step * 1.1
+  # The analytic count: 2 flops per multiply-add forward and as many for the weights' gradients
+  # (the images need none), 4 x parameters x batch = 1.30e7; Adam's update adds ~1.4e6.
+  assert step == pytest.approx(4 * 101_770 * config.batch_size, rel=0.15)
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI runs "
+                    '.ci/compile_check.sh')
+def test_xla_tpu_compiles_a_train_step_within_memory():
+  from fmnist_jax import accelerators, config_files, export
+  config = config_files.base()
+  records = export.compile_tpu(config, accelerators.parse_tpu('v5e:1x1'), names=('train_step',
+                                                                                'predict'))
+  step = records[0]
+  assert set(step) == {'topology', 'devices', 'program', 'compile_seconds', 'memory_bytes',
+                       'flops', 'bytes_accessed', 'estimated_seconds', 'steps'}
+  assert (step['program'], step['devices'], step['steps']) == ('train_step', 1, 1)
+  assert step['flops'] == pytest.approx(1.3e7, rel=0.2) and 0 < step['estimated_seconds'] < 1e-3
+  accelerators.check_memory(records, export.tpu_capacity)
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax's CUDA plugin (pip install -e "
+                    "'.[cuda12]'); CI runs .ci/compile_check.sh")
+def test_xla_gpu_compiles_a_train_step_with_a_roofline_bound():
+  from fmnist_jax import accelerators, config_files, export
+  config = config_files.base()
+  (step,) = export.compile_gpu(config, accelerators.GPUS['t4'], 1, names=('train_step',))
+  assert step['flops'] == pytest.approx(1.3e7, rel=0.2)
+  assert step['estimated_seconds'] == pytest.approx(step['bytes_accessed'] / 320e9)
+  accelerators.check_memory([step], export.gpu_capacity)
