@@ -1,5 +1,5 @@
-"""TPU topologies and GPU device descriptions to compile for without the hardware, and the arithmetic
-on the compiled programs: memory against the chip's, and a roofline bound for a GPU.
+"""TPU topologies and GPU device descriptions to compile for without the hardware, and arithmetic on
+the compiled programs: memory against the chip's, and a roofline bound for a GPU.
 
 No JAX here: fmnist_jax.export builds the compilers' devices from these tables.
 
@@ -213,8 +213,8 @@ def check_divisible(batch_size: int, devices: int, where: str) -> None:
   if batch_size % devices:
     lower = max(devices, batch_size // devices * devices)
     raise UserError(f'batch_size={batch_size} does not divide over the {devices} devices of '
-                    f'{where}; use a multiple of {devices}, e.g. --config.batch_size={lower} or {lower + devices}, or '
-                    'fewer devices.')
+                    f'{where}; use a multiple of {devices}, e.g. --config.batch_size={lower} or '
+                    f'{lower + devices}, or fewer devices.')
 
 
 def roofline_seconds(flops: float, bytes_accessed: float, peak_flops: float,

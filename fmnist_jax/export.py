@@ -220,7 +220,7 @@ GPU_FIX = "pip install -e '.[cuda12]'"
 
 
 def compiled_programs(config, mesh, stream_chunk: bool = True, names=None) -> dict:
-  """{name: programs.Program} of COMPILED (or `names`) on `mesh`, built as the trainer builds them."""
+  """{name: programs.Program} of COMPILED (or `names`) on `mesh`, as the trainer builds them."""
   from fmnist_jax import NUM_TEST, NUM_TRAIN  # pylint: disable=g-import-not-at-top
   from fmnist_jax import programs  # pylint: disable=g-import-not-at-top  (imports JAX)
   from fmnist_jax.plan import RunPlan  # pylint: disable=g-import-not-at-top
@@ -329,7 +329,9 @@ def _record(topology: str, devices: int, program: str, seconds: float, memory: d
           'compile_seconds': round(seconds, 3), 'memory_bytes': memory,
           'flops': None if flops is None else float(flops),
           'bytes_accessed': None if bytes_accessed is None else float(bytes_accessed),
-          'estimated_seconds': None if estimated is None else float(estimated), 'steps': steps}
+          # XLA:TPU's cost model answers -1 where it has no estimate (v5e, 8 vmapped models).
+          'estimated_seconds': None if estimated is None or estimated < 0 else float(estimated),
+          'steps': steps}
 
 
 def compile_tpu(config, target: accelerators.TpuTarget, stream_chunk: bool = True, names=None,
@@ -491,19 +493,22 @@ def _early_device_count(argv) -> None:
       set_host_device_count(int(value))
 
 
-def _early_compile_env(argv) -> None:
-  """With --tpu or --gpu, settings that must precede JAX's start."""
-  targets = [a for a in argv if a.startswith(('--tpu', '--gpu'))]
-  if not targets:
-    return
+def compile_env(gpu: bool) -> None:
+  """Settings for compiling for TPUs (and GPUs if `gpu`) that must precede JAX's start."""
   # Compile for the targets only: never take this machine's own accelerator from its users.
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  if any(a.startswith('--gpu') for a in targets):
+  if gpu:
     set_host_device_count(8)  # The CPU compile that counts an 8-GPU program's flops and bytes.
     # Compiling without the GPU cannot autotune (jax 0.7's plugin fails trying, the newest skips).
     current = os.environ.get('XLA_FLAGS', '')
     if 'xla_gpu_autotune_level' not in current:
       os.environ['XLA_FLAGS'] = f'{current} --xla_gpu_autotune_level=0'.strip()
+
+
+def _early_compile_env(argv) -> None:
+  targets = [a for a in argv if a.startswith(('--tpu', '--gpu'))]
+  if targets:
+    compile_env(gpu=any(a.startswith('--gpu') for a in targets))
 
 
 if __name__ == '__main__':

@@ -241,7 +241,8 @@ def test_a_program_that_does_not_fit_is_named_in_one_line():
 def test_table_names_estimates_and_shares_of_memory():
   from fmnist_jax import accelerators, export
   record = {'topology': 't4', 'devices': 1, 'program': 'train_step', 'compile_seconds': 1.5,
-            'memory_bytes': {'argument': 2**28, 'output': 2**28, 'temp': 2**29, 'generated_code': 0},
+            'memory_bytes': {'argument': 2**28, 'output': 2**28, 'temp': 2**29,
+                             'generated_code': 0},
             'flops': 1.45e7, 'bytes_accessed': 9.9e6, 'estimated_seconds': 3.1e-5, 'steps': 1}
   table = export.format_table([record], 'gpu', lambda r: accelerators.GPUS['t4'].memory_bytes)
   assert 'roofline bounds' in table and 'not measurements' in table
@@ -294,3 +295,22 @@ def test_xla_gpu_compiles_a_train_step_with_a_roofline_bound():
   assert step['flops'] == pytest.approx(1.3e7, rel=0.2)
   assert step['estimated_seconds'] == pytest.approx(step['bytes_accessed'] / 320e9)
   accelerators.check_memory([step], export.gpu_capacity)
+
+
+@pytest.mark.parametrize('kind', ['tpu', 'gpu'])
+def test_estimate_reports_call_their_numbers_estimates(kind):
+  """benchmarks/reports/<kind>-estimate.md is what benchmarks.estimate renders from its .json, and
+  its title and every table say estimates, not measurements."""
+  import json
+  from benchmarks import estimate
+  with open(os.path.join(estimate.REPORTS, f'{kind}-estimate.json')) as f:
+    report = json.load(f)
+  with open(os.path.join(estimate.REPORTS, f'{kind}-estimate.md')) as f:
+    text = f.read()
+  assert text == estimate.markdown(kind, report)
+  headings = [line for line in text.splitlines() if line.startswith('#')]
+  assert len(headings) == 3 and all('estimates, not measurements' in h for h in headings)
+  assert {(r['batch_size'], r['num_models']) for r in report['rows']} == set(estimate.cases())
+  assert len(report['rows']) == 2 * len(estimate.cases())
+  step = next(r for r in report['rows'] if (r['batch_size'], r['num_models']) == (32, 1))
+  assert step['flops'] == pytest.approx(1.45e7, rel=0.05) and step['steps'] == 1
