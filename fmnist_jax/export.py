@@ -497,6 +497,9 @@ def compile_env(gpu: bool) -> None:
   """Settings for compiling for TPUs (and GPUs if `gpu`) that must precede JAX's start."""
   # Compile for the targets only: never take this machine's own accelerator from its users.
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  # libtpu locks /tmp/libtpu_lockfile for the process that owns the local TPU; a compile-only
+  # client owns none, and two of them (CI beside a test, two users) must not fail on the lock.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   if gpu:
     set_host_device_count(8)  # The CPU compile that counts an 8-GPU program's flops and bytes.
     # Compiling without the GPU cannot autotune (jax 0.7's plugin fails trying, the newest skips).

@@ -314,3 +314,28 @@ def test_estimate_reports_call_their_numbers_estimates(kind):
   assert len(report['rows']) == 2 * len(estimate.cases())
   step = next(r for r in report['rows'] if (r['batch_size'], r['num_models']) == (32, 1))
   assert step['flops'] == pytest.approx(1.45e7, rel=0.05) and step['steps'] == 1
+
+
+@pytest.mark.parametrize('show', [False, True])
+def test_native_stderr_is_held_back_unless_shown(capfd, show):
+  """What libtpu writes to file descriptor 2 appears only with --verbosity=0 or more."""
+  from fmnist_jax import export
+  with export.native_stderr(show):
+    os.write(2, b'W libtpu: no TPU here\n')
+  assert capfd.readouterr().err == ('W libtpu: no TPU here\n' if show else '')
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI runs "
+                    '.ci/compile_check.sh')
+def test_xla_tpu_command_is_quiet_and_writes_its_records(tmp_path):
+  """The stream mode's programs (no shuffle, one chunk: a quick compile) for two topologies, with
+  libtpu's warnings about the missing TPU held back."""
+  result = run_cli('fmnist_jax.export', '--config', 'configs/base.py', '--tpu', 'v5e:1x1,v6e:2x2',
+                   '--config.input_mode=stream', '--out', str(tmp_path), env={'XLA_FLAGS': ''})
+  assert result.returncode == 0 and result.stderr == '', result.stderr[-3000:]
+  import json
+  records = json.loads((tmp_path / 'tpu_compile.json').read_text())
+  assert [(r['topology'], r['devices'], r['program']) for r in records] == [
+      (t, n, p) for t, n in (('v5e:1x1', 1), ('v6e:2x2', 4))
+      for p in ('train_chunk', 'train_step', 'evaluate', 'predict', 'finite')]
+  assert "XLA:TPU's cost model, not measurements" in result.stdout
