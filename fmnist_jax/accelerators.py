@@ -233,12 +233,20 @@ def gpu_roofline(gpu: GpuTarget, dtype: str, flops: float, bytes_accessed: float
 
 
 MEMORY_KEYS = ('argument', 'output', 'temp', 'generated_code')
+FIT_HINT = 'use a smaller batch_size or eval_batch_size, fewer num_models, or more chips.'
 
 
 def memory_used(memory: dict) -> int:
   """Bytes a program holds on a device: its arguments, outputs, temporaries and code (a donated
   state is counted as argument and as output: an upper bound by the state's size)."""
   return sum(memory[k] for k in MEMORY_KEYS)
+
+
+def _where(record: dict) -> str:
+  """'v5e:2x4' (a topology names its chips), '8 x h100' (a GPU does not)."""
+  if ':' in record['topology'] or record.get('devices', 1) == 1:
+    return record['topology']
+  return f'{record["devices"]} x {record["topology"]}'
 
 
 def check_memory(results: list[dict], capacity) -> None:
@@ -248,9 +256,8 @@ def check_memory(results: list[dict], capacity) -> None:
     results: records with 'topology', 'program' and 'memory_bytes'.
     capacity: record -> bytes of memory of one of its devices.
   """
-  over = [f'{r["program"]} on {r["topology"]} needs {memory_used(r["memory_bytes"]) / GIB:.2f} '
-          f'GiB of {capacity(r) / GIB:.2f} GiB per device' for r in results
+  over = [f'{r["program"]} on {_where(r)} needs {memory_used(r["memory_bytes"]) / GIB:.2f} GiB '
+          f'of {capacity(r) / GIB:.2f} GiB per device' for r in results
           if memory_used(r['memory_bytes']) > capacity(r)]
   if over:
-    raise UserError(f'does not fit: {"; ".join(over)}; use a smaller batch_size or '
-                    'eval_batch_size, fewer num_models, or more chips.')
+    raise UserError(f'does not fit: {"; ".join(over)}; {FIT_HINT}')

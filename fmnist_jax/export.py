@@ -303,10 +303,20 @@ def _mesh(devices):
   return jax.sharding.Mesh(np.asarray(devices), (distributed.DATA_AXIS,))
 
 
-def _compile(program):
-  """(compiled, seconds) of one program, compiled fresh (JAX's cache would hide the time)."""
+def _compile(program, name: str = '', where: str = ''):
+  """(compiled, seconds) of one program, compiled fresh (JAX's cache would hide the time).
+
+  XLA:TPU refuses a program that does not fit in the chip's memory: one line naming it.
+  """
   start = time.perf_counter()
-  compiled = program.lower().compile()
+  try:
+    compiled = program.lower().compile()
+  except Exception as e:  # pylint: disable=broad-except  (jax.errors.JaxRuntimeError)
+    text = ' '.join(str(e).split())
+    if 'RESOURCE_EXHAUSTED' not in text:
+      raise
+    reason = text.split('RESOURCE_EXHAUSTED: ')[-1].rstrip('.')
+    raise UserError(f'does not fit: {name} on {where}: {reason}; {accelerators.FIT_HINT}') from None
   return compiled, time.perf_counter() - start
 
 
@@ -342,7 +352,7 @@ def compile_tpu(config, target: accelerators.TpuTarget, stream_chunk: bool = Tru
   accelerators.check_divisible(config.batch_size, len(devices), f'--tpu {target.name}')
   records = []
   for name, program in compiled_programs(config, _mesh(devices), stream_chunk, names).items():
-    compiled, seconds = _compile(program)
+    compiled, seconds = _compile(program, name, target.name)
     cost = _cost(compiled)
     records.append(_record(target.name, len(devices), name, seconds, _memory(compiled),
                            cost.get('flops'), cost.get('bytes accessed'),
@@ -362,7 +372,7 @@ def compile_gpu(config, gpu: accelerators.GpuTarget, count: int, stream_chunk: b
   on_cpu = compiled_programs(config, cpu_mesh, stream_chunk, names)
   records = []
   for name, program in compiled_programs(config, _mesh(devices), stream_chunk, names).items():
-    compiled, seconds = _compile(program)
+    compiled, seconds = _compile(program, name, f'{count} x {gpu.name}')
     cost = _cost(_compile(on_cpu[name])[0])
     flops, bytes_accessed = cost.get('flops'), cost.get('bytes accessed')
     bound = (accelerators.gpu_roofline(gpu, config.compute_dtype, flops, bytes_accessed)

@@ -339,3 +339,39 @@ def test_xla_tpu_command_is_quiet_and_writes_its_records(tmp_path):
       (t, n, p) for t, n in (('v5e:1x1', 1), ('v6e:2x2', 4))
       for p in ('train_chunk', 'train_step', 'evaluate', 'predict', 'finite')]
   assert "XLA:TPU's cost model, not measurements" in result.stdout
+
+
+def test_a_program_the_compiler_refuses_for_memory_is_named_in_one_line():
+  """XLA:TPU itself refuses a program larger than the chip's memory (RESOURCE_EXHAUSTED)."""
+  from fmnist_jax import accelerators, export
+  from fmnist_jax.errors import UserError
+
+  class Refused:
+    def lower(self):
+      return self
+
+    def compile(self):
+      raise RuntimeError('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required '
+                         'for HLO temporaries (39.71G) exceeds available HBM (15.75G).')
+  with pytest.raises(UserError) as error:
+    export._compile(Refused(), 'evaluate', 'v5e:1x1')
+  assert str(error.value) == (
+      'does not fit: evaluate on v5e:1x1: Ran out of memory on HBM, the total memory required for '
+      f'HLO temporaries (39.71G) exceeds available HBM (15.75G); {accelerators.FIT_HINT}')
+  gib = 2**30
+  big = {'topology': 'h100', 'devices': 8, 'program': 'predict',
+         'memory_bytes': {'argument': 90 * gib, 'output': 0, 'temp': 0, 'generated_code': 0}}
+  with pytest.raises(UserError, match=r'^does not fit: predict on 8 x h100 needs 90.00 GiB of '):
+    accelerators.check_memory([big], export.gpu_capacity)
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI runs "
+                    '.ci/compile_check.sh')
+def test_xla_tpu_refusal_of_a_program_too_large_is_one_line(tmp_path):
+  result = run_cli('fmnist_jax.export', '--config', 'configs/base.py', '--tpu', 'v5e:1x1',
+                   '--config.input_mode=stream', '--config.eval_batch_size=10000000', '--out',
+                   str(tmp_path), env={'XLA_FLAGS': ''})
+  assert result.returncode == 2
+  assert re.fullmatch(r'error: does not fit: evaluate on v5e:1x1: .*HBM.*; use a smaller '
+                      r'batch_size or eval_batch_size, fewer num_models, or more chips\.\n',
+                      result.stderr), result.stderr[-3000:]
