@@ -59,7 +59,7 @@ for (target, devices), progs in groups.items():
         f'{step["flops"]:.3g} flops, {step["estimated_seconds"] * 1e6:.1f} us')
 PY
   # The tests that skip without this compiler (XLA autotuning is off for a GPU-less compile).
-  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_autotune_level=0 \
+  JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 XLA_FLAGS=--xla_gpu_autotune_level=0 \
     "$python" -m pytest -q -p no:cacheprovider tests/test_export.py -k "xla_$kind" | tail -1
   echo "compile_check: $stack: $kind compiled and checked in $((SECONDS - start)) s"
 }

@@ -25,6 +25,9 @@ class TpuGeneration:
   devices_per_chip: int  # JAX devices per chip: v2 and v3 show each of their 2 cores.
   hbm_bytes: int  # Memory of one JAX device.
   host_chips: int  # Chips of the largest one-host machine: smaller shapes are one host.
+  # libtpu's chip configuration: v4 and v5p run their 2 cores as one device ("megacore"), as JAX
+  # shows them on Cloud TPU; libtpu's default for v4 would show each core.
+  chip_config: str = 'default'
 
 
 # HBM from cloud.google.com/tpu/docs/system-architecture-tpu-vm and each version's page: v2 16 GiB
@@ -34,9 +37,9 @@ class TpuGeneration:
 TPUS = {
     'v2': TpuGeneration('TPU v2', 2, 2, 8 * GIB, 4),
     'v3': TpuGeneration('TPU v3', 2, 2, 16 * GIB, 4),
-    'v4': TpuGeneration('TPU v4', 3, 1, 32 * GIB, 4),
+    'v4': TpuGeneration('TPU v4', 3, 1, 32 * GIB, 4, 'megacore'),
     'v5e': TpuGeneration('TPU v5 lite', 2, 1, 16 * GIB, 8),
-    'v5p': TpuGeneration('TPU v5', 3, 1, 95 * GIB, 4),
+    'v5p': TpuGeneration('TPU v5', 3, 1, 95 * GIB, 4, 'megacore'),
     'v6e': TpuGeneration('TPU v6 lite', 2, 1, 32 * GIB, 8),
 }
 

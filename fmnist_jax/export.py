@@ -275,8 +275,9 @@ def tpu_devices(target: accelerators.TpuTarget) -> list:
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   name = f'{target.generation}:{"x".join(map(str, target.shape))}'
   try:
-    return topologies.get_topology_desc(topology_name=name, platform='tpu',
-                                        chips_per_host_bounds=target.chips_per_host_bounds).devices
+    return topologies.get_topology_desc(
+        topology_name=name, platform='tpu', chip_config_name=target.info.chip_config,
+        chips_per_host_bounds=target.chips_per_host_bounds).devices
   except Exception as e:  # pylint: disable=broad-except  (libtpu's errors name no fix)
     raise UserError(f'libtpu could not describe --tpu {target.name}: {_first_line(e)}; check the '
                     f'shape, or reinstall a libtpu that matches jax: {TPU_FIX}.') from None

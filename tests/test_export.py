@@ -375,3 +375,15 @@ def test_xla_tpu_refusal_of_a_program_too_large_is_one_line(tmp_path):
   assert re.fullmatch(r'error: does not fit: evaluate on v5e:1x1: .*HBM.*; use a smaller '
                       r'batch_size or eval_batch_size, fewer num_models, or more chips\.\n',
                       result.stderr), result.stderr[-3000:]
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI runs "
+                    '.ci/compile_check.sh')
+@pytest.mark.parametrize('topology', ['v2:2x2', 'v3:2x2', 'v4:2x2x1', 'v4:2x2x2', 'v5e:1x1',
+                                      'v5e:2x4', 'v5e:4x4', 'v5p:2x2x1', 'v6e:1x1', 'v6e:2x4'])
+def test_xla_tpu_topologies_have_the_devices_jax_shows_on_cloud_tpus(topology):
+  """v2 and v3 show each core (v3-8: 8 devices), v4 and v5p one "megacore" per chip (v4-8: 4)."""
+  from fmnist_jax import accelerators, export
+  target = accelerators.parse_tpu(topology)
+  devices = export.tpu_devices(target)
+  assert len(devices) == target.devices and devices[0].device_kind == target.info.device_kind
