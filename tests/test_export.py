@@ -365,8 +365,15 @@ def test_a_program_the_compiler_refuses_for_memory_is_named_in_one_line():
     accelerators.check_memory([big], export.gpu_capacity)
 
 
+def _old_libtpu() -> bool:
+  import importlib.metadata
+  return importlib.metadata.version('libtpu').startswith('0.0.2')
+
+
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI runs "
                     '.ci/compile_check.sh')
+@pytest.mark.skipif(HAS_LIBTPU and _old_libtpu(), reason='libtpu 0.0.23 (jax 0.7.2) spent over 3 '
+                    'minutes and ~10 GB of host memory on this program (stopped there)')
 def test_xla_tpu_refusal_of_a_program_too_large_is_one_line(tmp_path):
   result = run_cli('fmnist_jax.export', '--config', 'configs/base.py', '--tpu', 'v5e:1x1',
                    '--config.input_mode=stream', '--config.eval_batch_size=10000000', '--out',
