@@ -1,5 +1,6 @@
 """fmnist_jax.export: every program lowers for TPU and GPU, and the predict export serves."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -133,3 +134,263 @@ def test_the_export_lowers_what_the_trainer_compiles(overrides):
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
   assert result.stdout.strip() == 'same', result.stderr[-3000:]
+
+
+# Compiling with the accelerators' own compilers (--tpu, --gpu) ----------------------------------
+
+HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
+HAS_CUDA_PLUGIN = any(importlib.util.find_spec(m) for m in ('jax_cuda12_plugin',
+                                                             'jax_cuda13_plugin'))
+
+
+def one_line_error(*flags):
+  result = run_cli('fmnist_jax.export', '--config', 'configs/base.py', *flags, '--out',
+                   '/nonexistent/never-written')
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-3000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize('flag, expected', [
+    ('--tpu=v5e:1x1,v7:2x2', "unknown TPU 'v7' in --tpu v7:2x2; choose from v2, v3, v4, v5e, "
+                            'v5p, v6e'),
+    ('--tpu=v4:2x2', 'v4 needs a shape of 3 sizes, e.g. v4:2x2x2.'),
+    ('--gpu=t4,b9000', 'unknown GPU b9000 in --gpu; choose from t4,l4,a100,a100-80,h100,h200.'),
+])
+def test_bad_target_names_are_one_line_errors(flag, expected):
+  assert expected in one_line_error(flag)
+
+
+def test_a_batch_that_does_not_divide_over_the_chips_is_one_line_error():
+  # v3:2x2 is 4 chips of 2 cores each: 8 JAX devices; 36 = 4 x 9 divides over the chips only.
+  line = one_line_error('--tpu=v5e:1x1,v3:2x2', '--config.batch_size=36')
+  assert line == ('error: batch_size=36 does not divide over the 8 devices of --tpu v3:2x2; use a '
+                  'multiple of 8, e.g. --config.batch_size=32 or 40, or fewer devices.')
+  assert '8 devices of 8 x h100' in one_line_error('--gpu=t4,h100', '--config.batch_size=36')
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason='libtpu is installed here')
+def test_no_libtpu_names_the_install():
+  line = one_line_error('--tpu=v5e:1x1')
+  assert "libtpu, which is not installed here: pip install -e '.[tpu]'." in line
+
+
+@pytest.mark.skipif(HAS_CUDA_PLUGIN, reason="jax's CUDA plugin is installed here")
+def test_no_cuda_plugin_names_the_install():
+  line = one_line_error('--gpu=t4')
+  assert "CUDA plugin, which is not installed here: pip install -e '.[cuda12]'." in line
+
+
+def test_tpu_topologies_parse_into_chips_devices_and_hosts():
+  from fmnist_jax import accelerators
+  colab = accelerators.parse_tpu('v5e:1x1')
+  assert (colab.chips, colab.devices, colab.chips_per_host_bounds) == (1, 1, (1, 1, 1))
+  assert colab.info.hbm_bytes == 16 * 2**30 and colab.info.device_kind == 'TPU v5 lite'
+  assert accelerators.parse_tpu('v5e:2x4').chips_per_host_bounds == (2, 4, 1)  # One v5e-8 host.
+  assert accelerators.parse_tpu('v6e:4x4').chips_per_host_bounds == (2, 2, 1)  # 4 hosts.
+  v3 = accelerators.parse_tpu('V3:2x2')
+  assert (v3.chips, v3.devices, v3.info.hbm_bytes) == (4, 8, 16 * 2**30)  # 32 GiB per 2 cores.
+  assert accelerators.parse_tpu('v4:2x2x1').chips_per_host_bounds == (2, 2, 1)
+
+
+def test_gpu_specs_parse_and_match_the_vendors_numbers():
+  from fmnist_jax import accelerators, hardware
+  spec = accelerators.parse_gpu_spec(accelerators.GPUS['t4'].target_config)
+  assert spec['core_count'] == 40 and spec['memory_bandwidth'] == 320e9
+  assert spec['major'] == 7 and spec['minor'] == 5 and spec['clock_rate_ghz'] == 1.59
+  assert spec['device_description_str'] == 'Tesla T4'
+  # Memory CUDA reports, below the nominal sizes: T4 16, L4 24, A100 40/80, H100 80, H200 141 GB.
+  nominal = {'t4': 16, 'l4': 24, 'a100': 40, 'a100-80': 80, 'h100': 80, 'h200': 141}
+  for name, gpu in accelerators.GPUS.items():
+    assert 0.9 * nominal[name] * 1e9 < gpu.memory_bytes <= nominal[name] * 2**30, name
+    assert hardware.peak_flops(gpu.device_kind, 'float32'), name  # Every GPU has a roofline.
+    assert gpu.spec['platform_name'] == 'CUDA' and gpu.machine_sizes[0] == 1
+  h100 = accelerators.GPUS['h100'].spec
+  assert (h100['memory_bandwidth'], h100['major'], h100['core_count']) == (3352320000000, 9, 132)
+  assert accelerators.parse_gpus(['T4', ' h100']) == [accelerators.GPUS['t4'],
+                                                     accelerators.GPUS['h100']]
+
+
+def test_roofline_is_the_slower_of_arithmetic_and_memory_traffic():
+  from fmnist_jax import accelerators
+  assert accelerators.roofline_seconds(2e12, 1e9, 1e12, 1e12) == 2.0  # Compute bound.
+  assert accelerators.roofline_seconds(1e9, 3e12, 1e12, 1e12) == 3.0  # Memory bound.
+  # One train step at batch 32 on a T4 in float32: 1.45e7 flops at 8.1 TFLOP/s take 1.8 us,
+  # 9.9 MB at 320 GB/s take 31 us: memory bound.
+  t4 = accelerators.GPUS['t4']
+  assert accelerators.gpu_roofline(t4, 'float32', 1.45e7, 9.9e6) == pytest.approx(9.9e6 / 320e9)
+  assert accelerators.gpu_roofline(t4, 'float32', 8.1e12, 0) == pytest.approx(1.0)
+
+
+def test_a_program_that_does_not_fit_is_named_in_one_line():
+  from fmnist_jax import accelerators
+  from fmnist_jax.errors import UserError
+  gib = 2**30
+  fits = {'topology': 'v5e:1x1', 'program': 'evaluate',
+          'memory_bytes': {'argument': gib, 'output': 0, 'temp': 2 * gib, 'generated_code': 0}}
+  big = dict(fits, program='train_chunk', memory_bytes=dict(fits['memory_bytes'], temp=16 * gib))
+  accelerators.check_memory([fits], lambda r: 16 * gib)
+  with pytest.raises(UserError) as error:
+    accelerators.check_memory([fits, big], lambda r: 16 * gib)
+  assert str(error.value) == ('does not fit: train_chunk on v5e:1x1 needs 17.00 GiB of 16.00 GiB '
+                              'per device; use a smaller batch_size or eval_batch_size, fewer '
+                              'num_models, or more chips.')
+
+
+def test_table_names_estimates_and_shares_of_memory():
+  from fmnist_jax import accelerators, export
+  record = {'topology': 't4', 'devices': 1, 'program': 'train_step', 'compile_seconds': 1.5,
+            'memory_bytes': {'argument': 2**28, 'output': 2**28, 'temp': 2**29,
+                             'generated_code': 0},
+            'flops': 1.45e7, 'bytes_accessed': 9.9e6, 'estimated_seconds': 3.1e-5, 'steps': 1}
+  table = export.format_table([record], 'gpu', lambda r: accelerators.GPUS['t4'].memory_bytes)
+  assert 'roofline bounds' in table and 'not measurements' in table
+  row = table.splitlines()[2].split()
+  assert row[:4] == ['t4', '1', 'train_step', '1.5']
+  assert '1,024.0 MiB' in table and '6.78%' in table and '14.50' in table and '31.0 us' in table
+  tpu = export.format_table([dict(record, topology='v5e:1x1')], 'tpu', export.tpu_capacity)
+  assert "XLA:TPU's cost model, not measurements" in tpu and '6.25%' in tpu
+
+
+def test_the_chunks_cost_covers_unroll_plus_one_steps():
+  """steps_covered's claim, checked on the CPU compiler: the chunk's flops are (loop_unroll + 1)
+  train steps' (its two loop bodies, counted once each), plus the batch gathers."""
+  import jax
+  from fmnist_jax import config_files, export
+  config = config_files.base()
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  progs = export.compiled_programs(config, mesh, names=('train_step', 'train_chunk'))
+  step, chunk = (export._cost(progs[n].lower().compile())['flops'] for n in ('train_step',
+                                                                              'train_chunk'))
+  steps = export.steps_covered('train_chunk', config)
+  assert steps == config.loop_unroll + 1 == 5
+  assert steps * step <= chunk < steps * step * 1.1
+  # The analytic count: 2 flops per multiply-add forward and as many for the weights' gradients
+  # (the images need none), 4 x parameters x batch = 1.30e7; Adam's update adds ~1.4e6.
+  assert step == pytest.approx(4 * 101_770 * config.batch_size, rel=0.15)
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI runs "
+                    '.ci/compile_check.sh')
+def test_xla_tpu_compiles_a_train_step_within_memory():
+  from fmnist_jax import accelerators, config_files, export
+  config = config_files.base()
+  records = export.compile_tpu(config, accelerators.parse_tpu('v5e:1x1'), names=('train_step',
+                                                                                'predict'))
+  step = records[0]
+  assert set(step) == {'topology', 'devices', 'program', 'compile_seconds', 'memory_bytes',
+                       'flops', 'bytes_accessed', 'estimated_seconds', 'steps'}
+  assert (step['program'], step['devices'], step['steps']) == ('train_step', 1, 1)
+  assert step['flops'] == pytest.approx(1.3e7, rel=0.2) and 0 < step['estimated_seconds'] < 1e-3
+  accelerators.check_memory(records, export.tpu_capacity)
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax's CUDA plugin (pip install -e "
+                    "'.[cuda12]'); CI runs .ci/compile_check.sh")
+def test_xla_gpu_compiles_a_train_step_with_a_roofline_bound():
+  from fmnist_jax import accelerators, config_files, export
+  config = config_files.base()
+  (step,) = export.compile_gpu(config, accelerators.GPUS['t4'], 1, names=('train_step',))
+  assert step['flops'] == pytest.approx(1.3e7, rel=0.2)
+  assert step['estimated_seconds'] == pytest.approx(step['bytes_accessed'] / 320e9)
+  accelerators.check_memory([step], export.gpu_capacity)
+
+
+@pytest.mark.parametrize('kind', ['tpu', 'gpu'])
+def test_estimate_reports_call_their_numbers_estimates(kind):
+  """benchmarks/reports/<kind>-estimate.md is what benchmarks.estimate renders from its .json, and
+  its title and every table say estimates, not measurements."""
+  import json
+  from benchmarks import estimate
+  with open(os.path.join(estimate.REPORTS, f'{kind}-estimate.json')) as f:
+    report = json.load(f)
+  with open(os.path.join(estimate.REPORTS, f'{kind}-estimate.md')) as f:
+    text = f.read()
+  assert text == estimate.markdown(kind, report)
+  headings = [line for line in text.splitlines() if line.startswith('#')]
+  assert len(headings) == 3 and all('estimates, not measurements' in h for h in headings)
+  assert {(r['batch_size'], r['num_models']) for r in report['rows']} == set(estimate.cases())
+  assert len(report['rows']) == 2 * len(estimate.cases())
+  step = next(r for r in report['rows'] if (r['batch_size'], r['num_models']) == (32, 1))
+  assert step['flops'] == pytest.approx(1.45e7, rel=0.05) and step['steps'] == 1
+
+
+@pytest.mark.parametrize('show', [False, True])
+def test_native_stderr_is_held_back_unless_shown(capfd, show):
+  """What libtpu writes to file descriptor 2 appears only with --verbosity=0 or more."""
+  from fmnist_jax import export
+  with export.native_stderr(show):
+    os.write(2, b'W libtpu: no TPU here\n')
+  assert capfd.readouterr().err == ('W libtpu: no TPU here\n' if show else '')
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI runs "
+                    '.ci/compile_check.sh')
+def test_xla_tpu_command_is_quiet_and_writes_its_records(tmp_path):
+  """The stream mode's programs (no shuffle, one chunk: a quick compile) for two topologies, with
+  libtpu's warnings about the missing TPU held back."""
+  result = run_cli('fmnist_jax.export', '--config', 'configs/base.py', '--tpu', 'v5e:1x1,v6e:2x2',
+                   '--config.input_mode=stream', '--out', str(tmp_path), env={'XLA_FLAGS': ''})
+  assert result.returncode == 0 and result.stderr == '', result.stderr[-3000:]
+  import json
+  records = json.loads((tmp_path / 'tpu_compile.json').read_text())
+  assert [(r['topology'], r['devices'], r['program']) for r in records] == [
+      (t, n, p) for t, n in (('v5e:1x1', 1), ('v6e:2x2', 4))
+      for p in ('train_chunk', 'train_step', 'evaluate', 'predict', 'finite')]
+  assert "XLA:TPU's cost model, not measurements" in result.stdout
+
+
+def test_a_program_the_compiler_refuses_for_memory_is_named_in_one_line():
+  """XLA:TPU itself refuses a program larger than the chip's memory (RESOURCE_EXHAUSTED)."""
+  from fmnist_jax import accelerators, export
+  from fmnist_jax.errors import UserError
+
+  class Refused:
+    def lower(self):
+      return self
+
+    def compile(self):
+      raise RuntimeError('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required '
+                         'for HLO temporaries (39.71G) exceeds available HBM (15.75G).')
+  with pytest.raises(UserError) as error:
+    export._compile(Refused(), 'evaluate', 'v5e:1x1')
+  assert str(error.value) == (
+      'does not fit: evaluate on v5e:1x1: Ran out of memory on HBM, the total memory required for '
+      f'HLO temporaries (39.71G) exceeds available HBM (15.75G); {accelerators.FIT_HINT}')
+  gib = 2**30
+  big = {'topology': 'h100', 'devices': 8, 'program': 'predict',
+         'memory_bytes': {'argument': 90 * gib, 'output': 0, 'temp': 0, 'generated_code': 0}}
+  with pytest.raises(UserError, match=r'^does not fit: predict on 8 x h100 needs 90.00 GiB of '):
+    accelerators.check_memory([big], export.gpu_capacity)
+
+
+def _old_libtpu() -> bool:
+  import importlib.metadata
+  return importlib.metadata.version('libtpu').startswith('0.0.2')
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI runs "
+                    '.ci/compile_check.sh')
+@pytest.mark.skipif(HAS_LIBTPU and _old_libtpu(), reason='libtpu 0.0.23 (jax 0.7.2) spent over 3 '
+                    'minutes and ~10 GB of host memory on this program (stopped there)')
+def test_xla_tpu_refusal_of_a_program_too_large_is_one_line(tmp_path):
+  result = run_cli('fmnist_jax.export', '--config', 'configs/base.py', '--tpu', 'v5e:1x1',
+                   '--config.input_mode=stream', '--config.eval_batch_size=10000000', '--out',
+                   str(tmp_path), env={'XLA_FLAGS': ''})
+  assert result.returncode == 2
+  assert re.fullmatch(r'error: does not fit: evaluate on v5e:1x1: .*HBM.*; use a smaller '
+                      r'batch_size or eval_batch_size, fewer num_models, or more chips\.\n',
+                      result.stderr), result.stderr[-3000:]
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI runs "
+                    '.ci/compile_check.sh')
+@pytest.mark.parametrize('topology', ['v2:2x2', 'v3:2x2', 'v4:2x2x1', 'v4:2x2x2', 'v5e:1x1',
+                                      'v5e:2x4', 'v5e:4x4', 'v5p:2x2x1', 'v6e:1x1', 'v6e:2x4'])
+def test_xla_tpu_topologies_have_the_devices_jax_shows_on_cloud_tpus(topology):
+  """v2 and v3 show each core (v3-8: 8 devices), v4 and v5p one "megacore" per chip (v4-8: 4)."""
+  from fmnist_jax import accelerators, export
+  target = accelerators.parse_tpu(topology)
+  devices = export.tpu_devices(target)
+  assert len(devices) == target.devices and devices[0].device_kind == target.info.device_kind
