@@ -27,8 +27,6 @@ _FRESH = flags.DEFINE_bool(
 
 def main(argv):
   del argv
-  from fmnist_jax import data  # pylint: disable=g-import-not-at-top
-  data.check_source(_CONFIG.value.data)  # No data and no network: one line, before JAX loads.
   # JAX is imported here, not above, so that --help and flag errors stay instant.
   from fmnist_jax import distributed, loop  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value

@@ -193,24 +193,16 @@ def test_figures_are_never_drawn_through_a_link(tmp_path, capsys):
   assert workdir_lib.figures_folder(str(workdir), str(chosen)) == str(chosen)
 
 
-def test_cli_refuses_a_linked_checkpoints_folder(tmp_path):
+@pytest.mark.parametrize('flags', [(), ('--fresh',)])
+def test_cli_refuses_a_linked_checkpoints_folder(flags, tmp_path):
+  """Neither a resume nor --fresh writes through (or deletes through) a linked checkpoints/."""
   workdir = tmp_path / 'run'
   _run(workdir, tmp_path)
   os.rename(workdir / 'checkpoints', tmp_path / 'ck')
   os.symlink(tmp_path / 'ck', workdir / 'checkpoints')
   before = _snapshot(tmp_path)
-  _one_line_error(_train(workdir), 'checkpoints is a symbolic link')
+  _one_line_error(_train(workdir, *flags), 'checkpoints is a symbolic link')
   assert _snapshot(tmp_path) == before  # Not even a .lock.
-
-
-def test_cli_fresh_refuses_a_linked_checkpoints_folder(tmp_path):
-  workdir = tmp_path / 'run'
-  _run(workdir, tmp_path)
-  os.rename(workdir / 'checkpoints', tmp_path / 'ck')
-  os.symlink(tmp_path / 'ck', workdir / 'checkpoints')
-  before = _snapshot(tmp_path)
-  _one_line_error(_train(workdir, '--fresh'), 'checkpoints is a symbolic link')
-  assert _snapshot(tmp_path) == before
 
 
 # B. A full disk ----------------------------------------------------------------------------------
