@@ -26,6 +26,8 @@ from tests.conftest import ROOT
 
 NOTEBOOK = os.path.join(ROOT, 'notebooks', 'colab_tpu.ipynb')
 COLAB_PYTHON = os.environ.get('FMNIST_COLAB_PYTHON')
+if COLAB_PYTHON:  # A relative path is the project folder's, as in .ci/run.
+  COLAB_PYTHON = os.path.join(ROOT, COLAB_PYTHON)
 INSTALLED = ('import json; from importlib import metadata; print(json.dumps({d.metadata["Name"]: '
              'd.version for d in metadata.distributions()}))')
 
@@ -131,6 +133,21 @@ def test_notebook_stops_in_a_kernel_that_imported_jax(tmp_path):
   assert _stopped(nb) == [['Stopped: this session has already imported JAX, which may hold the '
                            'accelerator: Runtime → Restart session, then Run all.']]
   assert all(not c.outputs for c in _code_cells(nb)[2:])
+
+
+def test_a_held_tpu_says_to_restart_the_session(tmp_path):
+  """JAX's "TPU already in use" becomes the sentence that says what to do."""
+  nb = _read()
+  held = ("import sys; sys.stderr.write('RuntimeError: Unable to initialize backend tpu: ABORTED: "
+          "The TPU is already in use by process with pid 4242. Not attempting to load libtpu.so in "
+          "this process.\\n'); sys.exit(1)")
+  script = '\n'.join([_cell(nb, 'SUPERVISOR =').source, _cell(nb, 'def check_accelerator').source,
+                      f'PROBE = {held!r}', 'try:', '    check_accelerator()',
+                      'except Stop as e:', '    print(e)'])
+  out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=tmp_path,
+                       env=dict(os.environ, FMNIST_JAX_SOURCE=ROOT, FMNIST_NOTEBOOK_SMOKE='1'))
+  assert out.stdout.strip().splitlines()[-1] == (
+      'the TPU is already in use by process 4242: Runtime → Restart session, then Run all.'), out
 
 
 QUIET = ('import subprocess, sys, time\n'
