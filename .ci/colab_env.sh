@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Creates .venv-colab as Colab's TPU runtime is: Python 3.13 with the runtime's packages at its
-# versions (.ci/colab-tpu.txt, the part of its published list .ci/colab-tpu-freeze.txt that fmnist_jax,
-# TensorFlow, the tests and the notebook touch; h5py 3.16.0 included). Like the runtime it has no
-# TensorFlow, no ml-collections and no fmnist_jax: the notebook installs those itself, and
+# versions (.ci/colab-tpu.txt, the part of its published list .ci/colab-tpu-freeze.txt that
+# fmnist_jax, TensorFlow, the tests and the notebook touch; h5py 3.16.0 included). Like the runtime
+# it has no TensorFlow, no ml-collections and no fmnist_jax: the notebook installs those itself, and
 # tests/test_notebook.py checks afterwards that no preinstalled package changed.
-# Idempotent: installs once, notes what it installed, and on later calls removes what a notebook run
-# added since. Usage:
-#   .ci/colab_env.sh && FMNIST_COLAB_PYTHON=.venv-colab/bin/python .venv/bin/python -m pytest tests/test_notebook.py
+# Idempotent: installs once (from scratch when its inputs change), notes what it installed, and on
+# later calls removes what a notebook run added since. Usage:
+#   .ci/colab_env.sh
+#   FMNIST_COLAB_PYTHON=.venv-colab/bin/python .venv/bin/python -m pytest tests/test_notebook.py
 #   .ci/colab_env.sh --check   # only says whether every preinstalled package kept its version
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,19 +15,17 @@ VENV=.venv-colab
 if [ "${1:-}" = --check ]; then
   exec "$VENV/bin/python" .ci/colab_packages.py check
 fi
-if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null; then
-  rm -rf "$VENV"  # One made by an earlier version of this script, on another Python.
-fi
-[ -x "$VENV/bin/python" ] || "$(.ci/python313)" -m venv "$VENV"
 stamp="$VENV/.stamp-$(cat .ci/colab-tpu.txt .ci/colab-tpu-freeze.txt .ci/colab_env.sh | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "colab_env: installing the Colab TPU runtime's packages into $VENV"
   start=$SECONDS
-  # The whole published list as constraints: a dependency of a listed package comes at Colab's version too.
+  rm -rf "$VENV"  # From scratch: what it notes as preinstalled must hold nothing an earlier run added.
+  "$(.ci/python313)" -m venv "$VENV"
+  # The whole published list as constraints: a dependency of a listed package comes at Colab's
+  # version too.
   grep -E '^[A-Za-z0-9_.-]+==' .ci/colab-tpu-freeze.txt >"$VENV/constraints.txt"
   "$VENV/bin/python" -m pip install -q -c "$VENV/constraints.txt" -r .ci/colab-tpu.txt
   "$VENV/bin/python" .ci/colab_packages.py record
-  rm -f "$VENV"/.stamp-*
   touch "$stamp"
   echo "colab_env: installed in $((SECONDS - start)) s"
 else

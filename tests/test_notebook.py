@@ -3,7 +3,8 @@
 The whole run needs an environment as Colab's TPU runtime is (.ci/colab_env.sh creates .venv-colab:
 Python 3.13, the runtime's packages, no TensorFlow); the notebook's kernel runs there and installs
 into it, as on Colab:
-    .ci/colab_env.sh && FMNIST_COLAB_PYTHON=.venv-colab/bin/python python -m pytest tests/test_notebook.py
+    .ci/colab_env.sh
+    FMNIST_COLAB_PYTHON=.venv-colab/bin/python python -m pytest tests/test_notebook.py
 The other tests run the kernel of the interpreter that runs pytest.
 """
 
@@ -128,7 +129,8 @@ def test_notebook_says_to_mount_drive(tmp_path):
 def test_notebook_stops_in_a_kernel_that_imported_jax(tmp_path):
   """A user's cell that used JAX first (it holds the TPU): the first cell says to restart."""
   nb = _read()
-  nb.cells.insert(0, nbformat.v4.new_code_cell('import jax\njax.numpy.zeros(1).block_until_ready()'))
+  users_cell = 'import jax\njax.numpy.zeros(1).block_until_ready()'
+  nb.cells.insert(0, nbformat.v4.new_code_cell(users_cell))
   nb = _execute(nb, tmp_path, {'FMNIST_JAX_SOURCE': ROOT, 'FMNIST_NOTEBOOK_SMOKE': '1'})
   assert _stopped(nb) == [['Stopped: this session has already imported JAX, which may hold the '
                            'accelerator: Runtime → Restart session, then Run all.']]
@@ -212,7 +214,8 @@ def test_interrupt_or_restart_leaves_no_process_behind(tmp_path, data_dir):
   workdir = src / 'workdirs' / 'colab-cpu-cpu'
   workdir.mkdir(parents=True)
   # A run of another kind of device in this one's workdir.
-  (workdir / 'summary.json').write_text(json.dumps({'backend': 'tpu', 'device_kind': 'TPU v5 lite'}))
+  foreign = {'backend': 'tpu', 'device_kind': 'TPU v5 lite'}
+  (workdir / 'summary.json').write_text(json.dumps(foreign))
   env = dict(os.environ, FMNIST_JAX_SOURCE=str(src), FMNIST_NOTEBOOK_SMOKE='1',
              TFDS_DATA_DIR=data_dir)
   setup = '\n'.join([_cell(nb, 'SUPERVISOR =').source, _cell(nb, 'def check_accelerator').source,
