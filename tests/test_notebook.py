@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from datetime import datetime
 
 import nbformat
@@ -58,6 +59,10 @@ def test_notebook_is_valid():
   assert code.index("jax.config.update('jax_platforms', 'cpu')") < first_jax
   assert "'jax' in sys.modules" in _code_cells(nb)[0].source  # Caught in the first cell.
   assert 'predict.' not in code and 'inference.confusion_matrix' in code
+  # The range in which the notebook keeps the runtime's jax is pyproject.toml's.
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    jax_spec = next(d for d in tomllib.load(f)['project']['dependencies'] if d.startswith('jax>'))
+  assert f"JAX_SPEC = '{jax_spec[len('jax'):]}'" in code
 
 
 def _execute(nb, cwd, env, drop=(), kernel='python3'):
