@@ -1,5 +1,7 @@
 """Checks that `pip install '.[tpu]'`, `'.[cuda12]'` and `'.[cuda13]'` resolve to one jax version
-with its matching plugin (pip's --dry-run report, nothing installed; needs PyPI).
+with its matching plugin (pip's --dry-run report, nothing installed; needs PyPI), for the Python
+that runs it (CI: 3.11, and 3.13 as on Colab, where the notebook installs `.[tpu]` or `.[cuda12]`
+when the runtime's jax is outside the range).
 
 Usage: python .ci/check_extras.py [EXTRA ...]
 """
@@ -38,7 +40,9 @@ def check(extra: str, versions: dict[str, str]) -> str:
       assert versions[plugin] == jax, f'{extra}: {plugin} {versions[plugin]} with jax {jax}'
   others = [n for n in versions if n.startswith(('jax-cuda', 'libtpu')) and n not in PLUGINS[extra]]
   assert not others, f'{extra}: other plugins {others}'
-  return f'{extra}: jax {jax}, ' + ', '.join(f'{p} {versions[p]}' for p in PLUGINS[extra])
+  python = '.'.join(map(str, sys.version_info[:2]))
+  return f'{extra} (Python {python}): jax {jax}, ' + ', '.join(
+      f'{p} {versions[p]}' for p in PLUGINS[extra])
 
 
 def main(extras):
