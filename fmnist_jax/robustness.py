@@ -29,7 +29,7 @@ FAMILIES = {
     'jpeg': 'light background, JPEG quality 60-95',
     'noise': 'light background, Gaussian noise sigma 3-10 per channel, PNG',
     'blur': 'light background, Gaussian blur radius 1-2.5 px at photo scale, PNG',
-    'rotated': 'light background, article rotated by up to 10 degrees, PNG',
+    'rotated': 'light background, article rotated by 3-10 degrees either way, PNG',
     'coloured_background': 'dark article on a random pale or saturated coloured background, JPEG',
     'gradient': 'light background darkening by 15-30% across the frame, JPEG',
     'shadow': 'light background with a soft shadow cast by the article, offset 3-8% of its '
