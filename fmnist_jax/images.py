@@ -36,7 +36,8 @@ OUTLINE_SHARE = 0.35
 # A cast shadow is on average at most this share of the article's size deep.
 MAX_DEPTH = 0.12
 # When soft edges alone leave out this share of what differs from the background, there is a
-# shadow, and edges that rise by less than a good part of the darkness two pixels away go too.
+# shadow (less is the article's own soft margin), and edges that rise by less than a good part of
+# the darkness two pixels away go too.
 SHADOW_FOUND = 0.04
 # A cast shadow covers at most this share of what differs from the background.
 SHADOW_SHARE = 0.35
@@ -362,10 +363,11 @@ def _steps(image: Image.Image) -> list[tuple[str, np.ndarray]]:
   steps.append(('differs from background', mask))
   background_gray = _gray(background)
   article = mask
-  if np.median(gray[mask] - background_gray[mask]) < 0:  # A shadow shows on a light background.
-    article = _sharp_extent(gray, background_gray, mask)
-    if article.sum() < (1 - SHADOW_FOUND) * mask.sum():  # A shadow: its sharper parts go too.
-      article = _sharp_extent(gray, background_gray, mask, reach_around=2.0)
+  # A shadow shows on a light background; below SHADOW_FOUND only the article's own soft margin
+  # would go, and the conversion stays the dataset's.
+  if (np.median(gray[mask] - background_gray[mask]) < 0 and
+      _sharp_extent(gray, background_gray, mask).sum() < (1 - SHADOW_FOUND) * mask.sum()):
+    article = _sharp_extent(gray, background_gray, mask, reach_around=2.0)  # Sharper parts too.
     rows, cols = np.flatnonzero(article.any(axis=1)), np.flatnonzero(article.any(axis=0))
     size = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
     background_gray = background_gray * _shading(gray, background_gray, article, size)
