@@ -119,6 +119,12 @@ def _on_light_background(image, angle=0.0, shadow=0.0, size=140):
   return Image.fromarray(np.round(background).astype(np.uint8))
 
 
+def _extent(x):
+  """First and last row, first and last column of a 28x28 image's article (pixels above 30)."""
+  rows, cols = np.flatnonzero(x.max(1) > 30), np.flatnonzero(x.max(0) > 30)
+  return np.array([rows[0], rows[-1], cols[0], cols[-1]])
+
+
 def _turned_back(photo):
   """The angle the conversion turned the article back by (degrees), 0 when it left it upright."""
   names = [name for name, _ in images.conversion_steps(photo) if name.startswith('turned back')]
@@ -134,8 +140,8 @@ def test_a_soft_cast_shadow_is_left_out(arrays):
     # As dark as the article's lighter parts. Kept, it widens the article and lights its margin
     # (a mean difference of 30-50 here); left out, the article fills the same frame.
     assert np.abs(shadowed - clean).mean() < 16, (label, np.abs(shadowed - clean).mean())
-    extent = lambda x: np.r_[np.flatnonzero(x.max(1) > 30)[[0, -1]], np.flatnonzero(x.max(0) > 30)[[0, -1]]]
-    assert np.abs(extent(shadowed) - extent(clean)).max() <= 1, (label, extent(shadowed), extent(clean))
+    assert np.abs(_extent(shadowed) - _extent(clean)).max() <= 1, (label, _extent(shadowed),
+                                                                  _extent(clean))
     steps = dict(images.conversion_steps(_on_light_background(image, shadow=0.4)))
     found, article = steps['differs from background'], steps['sharp-edged article']
     assert article.sum() < 0.9 * found.sum(), label  # The shadow was found, then left out.
