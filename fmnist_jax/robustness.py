@@ -29,10 +29,11 @@ FAMILIES = {
     'jpeg': 'light background, JPEG quality 60-95',
     'noise': 'light background, Gaussian noise sigma 3-10 per channel, PNG',
     'blur': 'light background, Gaussian blur radius 1-2.5 px at photo scale, PNG',
-    'rotated': 'light background, article rotated by up to 10 degrees, PNG',
+    'rotated': 'light background, article rotated by 3-10 degrees either way, PNG',
     'coloured_background': 'dark article on a random pale or saturated coloured background, JPEG',
     'gradient': 'light background darkening by 15-30% across the frame, JPEG',
-    'shadow': 'light background with a soft shadow cast by the article (15-30% darker), JPEG',
+    'shadow': 'light background with a soft shadow cast by the article, offset 3-8% of its '
+              'size, 25-50% darker (as its lighter parts), JPEG',
     'textured_background': 'light background with a fabric-like texture, JPEG',
 }
 
@@ -115,13 +116,14 @@ def make_photo(image: np.ndarray, family: str, rng: np.random.Generator) -> Imag
     ramp = np.cos(theta) * x + np.sin(theta) * y
     ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
     background *= (1 - rng.uniform(0.15, 0.3) * ramp)[..., None]
-  elif family == 'shadow':  # A soft shadow cast by the article, offset down and to one side.
+  elif family == 'shadow':  # Cast by the article, as dark as its lighter parts, offset and soft.
     shadow = Image.new('L', (canvas_w, canvas_h), 0)
-    dy, dx = int(rng.uniform(0.02, 0.06) * h), int(rng.uniform(-0.06, 0.06) * w)
-    shadow.paste(alpha_image, (int(np.clip(left + dx, 0, canvas_w - w)),
-                               int(np.clip(top + dy, 0, canvas_h - h))))
-    shadow = np.asarray(shadow.filter(ImageFilter.GaussianBlur(0.08 * h)), np.float32) / 255
-    background *= (1 - rng.uniform(0.15, 0.3) * shadow)[..., None]
+    dy = int(rng.uniform(0.03, 0.08) * h)
+    dx = int(rng.uniform(0.03, 0.08) * w * rng.choice([-1, 1]))
+    shadow.paste(alpha_image, (left + dx, top + dy))  # May reach past the canvas.
+    shadow = np.asarray(shadow.filter(ImageFilter.GaussianBlur(rng.uniform(0.03, 0.06) * h)),
+                        np.float32) / 255
+    background *= (1 - rng.uniform(0.25, 0.5) * shadow)[..., None]
   elif family == 'textured_background':
     texture = rng.normal(0, 1, (canvas_h // 4 + 2, canvas_w // 4 + 2)).astype(np.float32)
     texture = np.asarray(Image.fromarray(texture).resize((canvas_w, canvas_h),

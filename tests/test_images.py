@@ -6,14 +6,14 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from fmnist_jax import CLASS_NAMES, images, inference, robustness
 from tests.conftest import run_cli
 
 # Floors a few points below what configs/test.py's one-epoch model measured on these 200 test
-# images per family (untouched 0.820; whole-article families 0.835-0.855; rotated 0.670; shadow
-# 0.720). The base config's numbers (1000 per family) are in the README.
+# images per family (untouched 0.795-0.820; whole-article families 0.795-0.855; rotated 0.805;
+# shadow 0.785). The base config's numbers (1000 per family) are in the README.
 FLOORS = {
     'untouched': 0.77,
     'light_margins': 0.78,
@@ -22,11 +22,11 @@ FLOORS = {
     'non_square': 0.78,
     'jpeg': 0.78,
     'noise': 0.78,
-    'blur': 0.78,
-    'rotated': 0.60,  # Rotation changes the article itself; the model never saw one turned.
+    'blur': 0.76,
+    'rotated': 0.77,  # Turned back upright; without that, 0.735.
     'coloured_background': 0.78,
     'gradient': 0.78,
-    'shadow': 0.64,  # A cast shadow is taken for part of the article (see the README).
+    'shadow': 0.74,  # The shadow left out; kept, it is taken for part of the article (0.68).
     'textured_background': 0.78,
 }
 
@@ -98,6 +98,68 @@ def test_conversion_steps_end_in_the_result(arrays):
   assert out[0].max() < 30 or out[:, 0].max() < 30  # Black background...
   rows, cols = np.flatnonzero(out.max(1) > 30), np.flatnonzero(out.max(0) > 30)
   assert max(rows[-1] - rows[0], cols[-1] - cols[0]) >= 25  # ...with the article trimmed to fill it.
+
+
+def _on_light_background(image, angle=0.0, shadow=0.0, size=140):
+  """A uint8 [28, 28] test image as a dark article on a light gray RGB picture, optionally turned
+  by `angle` degrees (counter-clockwise) or with a soft shadow `shadow` darker, offset down-right.
+  """
+  alpha = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC)
+  if angle:
+    alpha = alpha.rotate(angle, Image.Resampling.BICUBIC, expand=True)
+  a = np.asarray(alpha, np.float32)[..., None] / 255
+  h, w = a.shape[:2]
+  background = np.full((h + 80, w + 90, 3), 235, np.float32)
+  if shadow:
+    cast = Image.new('L', (w + 90, h + 80), 0)
+    cast.paste(alpha, (40 + size // 14, 40 + size // 14))
+    cast = np.asarray(cast.filter(ImageFilter.GaussianBlur(size / 20)), np.float32) / 255
+    background *= 1 - shadow * cast[..., None]
+  background[40:40 + h, 40:40 + w] = background[40:40 + h, 40:40 + w] * (1 - a) + 20 * a
+  return Image.fromarray(np.round(background).astype(np.uint8))
+
+
+def _extent(x):
+  """First and last row, first and last column of a 28x28 image's article (pixels above 30)."""
+  rows, cols = np.flatnonzero(x.max(1) > 30), np.flatnonzero(x.max(0) > 30)
+  return np.array([rows[0], rows[-1], cols[0], cols[-1]])
+
+
+def _turned_back(photo):
+  """The angle the conversion turned the article back by (degrees), 0 when it left it upright."""
+  names = [name for name, _ in images.conversion_steps(photo) if name.startswith('turned back')]
+  return float(names[0].split()[2]) if names else 0.0
+
+
+def test_a_soft_cast_shadow_is_left_out(arrays):
+  test = arrays['test']
+  for label in (0, 1, 8):  # A T-shirt, trousers (the shadow shows between the legs), a bag.
+    image = test['image'][np.flatnonzero(test['label'] == label)[0]]
+    clean = images.to_fashion_mnist(_on_light_background(image)).astype(int)
+    shadowed = images.to_fashion_mnist(_on_light_background(image, shadow=0.4)).astype(int)
+    # As dark as the article's lighter parts. Kept, it widens the article and lights its margin
+    # (a mean difference of 30-50 here); left out, the article fills the same frame.
+    assert np.abs(shadowed - clean).mean() < 16, (label, np.abs(shadowed - clean).mean())
+    assert np.abs(_extent(shadowed) - _extent(clean)).max() <= 1, (label, _extent(shadowed),
+                                                                  _extent(clean))
+    steps = dict(images.conversion_steps(_on_light_background(image, shadow=0.4)))
+    found, article = steps['differs from background'], steps['sharp-edged article']
+    assert article.sum() < 0.9 * found.sum(), label  # The shadow was found, then left out.
+
+
+def test_a_turned_article_is_turned_back_and_an_upright_one_is_not(arrays):
+  test = arrays['test']
+  # Straight-sided articles; a sandal or a round bag may stay turned (no box gains enough).
+  for label in (0, 1, 2, 4):  # A T-shirt, trousers, a pullover, a coat.
+    image = test['image'][np.flatnonzero(test['label'] == label)[0]]
+    assert _turned_back(_on_light_background(image)) == 0, label
+    for angle in (-9.0, 6.0):
+      turned_back = _turned_back(_on_light_background(image, angle=angle))
+      assert abs(turned_back + angle) <= 2, (label, angle, turned_back)
+  # Nearly all upright articles are left as they are (of these 60, a sandal and a T-shirt that is
+  # slanted in the dataset itself are turned).
+  upright = [_turned_back(_on_light_background(x, size=84)) for x in test['image'][:60]]
+  assert sum(a != 0 for a in upright) <= 3, upright
 
 
 def _photo(arrays, index=0):
