@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage, spatial
 
+from fmnist_jax import IMAGE_SIZE as SIZE  # The dataset's 28 x 28.
 from fmnist_jax.errors import UserError
 
-SIZE = 28
 # Longest side a picture is reduced to before background detection (a phone photo is 4000 px).
 WORK_SIZE = 512
 # The dataset's trim tolerance: 5% of the maximum intensity.

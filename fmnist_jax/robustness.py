@@ -16,6 +16,7 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
+from fmnist_jax import IMAGE_SIZE
 from fmnist_jax import images as images_lib
 
 # name -> one-line description; every family except 'rotated' keeps the article's shape unchanged.
@@ -69,7 +70,7 @@ def make_photo(image: np.ndarray, family: str, rng: np.random.Generator) -> Imag
   if family == 'untouched':
     return Image.fromarray(image)
   scale = rng.uniform(3, 5)
-  size = int(round(28 * scale))
+  size = int(round(IMAGE_SIZE * scale))
   alpha_image = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC)
   if family == 'rotated':
     angle = rng.uniform(3, 10) * rng.choice([-1, 1])
