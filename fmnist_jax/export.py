@@ -55,25 +55,6 @@ from fmnist_jax.errors import UserError
 # JAX (and every module that imports it) is imported inside the functions below: the host device
 # count in XLA_FLAGS must be set before JAX loads.
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Training config file, e.g. configs/base.py; override fields with '
-    '--config.num_models=8 etc.', lock_config=True)
-_PLATFORMS = flags.DEFINE_list('platforms', ['tpu', 'cuda'], 'Platforms to lower for: tpu, cuda, '
-                               'rocm, cpu.')
-_DEVICES = flags.DEFINE_integer('devices', 1, 'Also export sharded over this many devices (on a '
-                                'CPU-only machine they are simulated host devices).')
-_OUT = flags.DEFINE_string('out', 'workdirs/exports', 'Output folder for the serialized exports.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir whose trained parameters the '
-                               'predict export bakes in; default: freshly initialised ones.')
-_TPU = flags.DEFINE_list('tpu', [], 'Compile every program the trainer runs with XLA:TPU (libtpu) '
-                         'for these topologies, e.g. v5e:1x1,v5e:2x4; writes OUT/tpu_compile.json '
-                         '(and skips the exports unless --platforms is given).')
-_GPU = flags.DEFINE_list('gpu', [], 'Compile them with XLA:GPU for these GPUs (t4, l4, a100, '
-                         'a100-80, h100, h200), on 1 device and on 8 where machines hold 8; '
-                         'writes OUT/gpu_compile.json.')
-_STREAM_CHUNK = flags.DEFINE_bool('stream_chunk', True, 'With --tpu/--gpu and the device input '
-                                  'mode, also compile the stream and tfds modes\' train chunk.')
-
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 SUFFIX = '.jaxexport'
 
@@ -481,15 +462,39 @@ def compile_check(config, tpus, gpus, out: str, stream_chunk: bool = True,
   return results
 
 
+def _define_flags() -> None:
+  """The command line's flags, defined only when the module runs as a program: it is a library
+  too (tests, benchmarks/estimate.py), and absl's flags are global, so another command line's
+  `--workdir` imported in the same process must not collide with this one's."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'Training config file, e.g. configs/base.py; override fields with '
+      '--config.num_models=8 etc.', lock_config=True)
+  flags.DEFINE_list('platforms', ['tpu', 'cuda'], 'Platforms to lower for: tpu, cuda, rocm, cpu.')
+  flags.DEFINE_integer('devices', 1, 'Also export sharded over this many devices (on a CPU-only '
+                       'machine they are simulated host devices).')
+  flags.DEFINE_string('out', 'workdirs/exports', 'Output folder for the serialized exports.')
+  flags.DEFINE_string('workdir', None, 'A training workdir whose trained parameters the predict '
+                      'export bakes in; default: freshly initialised ones.')
+  flags.DEFINE_list('tpu', [], 'Compile every program the trainer runs with XLA:TPU (libtpu) for '
+                    'these topologies, e.g. v5e:1x1,v5e:2x4; writes OUT/tpu_compile.json (and '
+                    'skips the exports unless --platforms is given).')
+  flags.DEFINE_list('gpu', [], 'Compile them with XLA:GPU for these GPUs (t4, l4, a100, a100-80, '
+                    'h100, h200), on 1 device and on 8 where machines hold 8; writes '
+                    'OUT/gpu_compile.json.')
+  flags.DEFINE_bool('stream_chunk', True, 'With --tpu/--gpu and the device input mode, also '
+                    "compile the stream and tfds modes' train chunk.")
+
+
 def main(argv):
   del argv
-  if _TPU.value or _GPU.value:
-    compile_check(_CONFIG.value, _TPU.value, _GPU.value, _OUT.value, _STREAM_CHUNK.value,
+  f = flags.FLAGS
+  if f.tpu or f.gpu:
+    compile_check(f.config, f.tpu, f.gpu, f.out, f.stream_chunk,
                   show_native_logs=logging.get_verbosity() >= logging.INFO)
-    if not flags.FLAGS['platforms'].present:
+    if not f['platforms'].present:
       return
-  export_all(_CONFIG.value, [p.strip().lower() for p in _PLATFORMS.value if p.strip()],
-             _DEVICES.value, _OUT.value, _WORKDIR.value)
+  export_all(f.config, [p.strip().lower() for p in f.platforms if p.strip()], f.devices, f.out,
+             f.workdir)
 
 
 def _early_device_count(argv) -> None:
@@ -526,6 +531,7 @@ def _early_compile_env(argv) -> None:
 
 
 if __name__ == '__main__':
+  _define_flags()
   _early_device_count(sys.argv)
   _early_compile_env(sys.argv)
   cli.run(main, config_flags_to_load=('config',))
