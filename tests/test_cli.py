@@ -179,11 +179,16 @@ def test_equal_overrides_share_one_workdir(data_dir, tmp_path):
   """1e-3, 0.001 and an override equal to the file's value all land in workdirs/test."""
   base = ['fmnist_jax.train', '--config', f'{ROOT}/configs/test.py',
           f'--config.data.data_dir={data_dir}']
+  outputs = []
   for override in ('--config.learning_rate=1e-3', '--config.learning_rate=0.001',
                    '--config.num_epochs=1'):
     result = run_cli(*base, override, cwd=str(tmp_path), env={'PYTHONPATH': ROOT})
     assert result.returncode == 0, result.stderr[-2000:]
+    outputs.append(result.stdout)
   assert os.listdir(tmp_path / 'workdirs') == ['test']
+  # configs/test.py turns progress off: no epoch lines, but the result line all the same.
+  assert outputs[0].startswith('Test accuracy: 0.8') and 'Epoch' not in outputs[0]
+  assert 'holds a finished run' in outputs[1] and 'Test accuracy: 0.8' in outputs[1]
 
 
 def test_a_run_in_one_place_and_quiet(data_dir, tmp_path):
