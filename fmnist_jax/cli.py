@@ -1,9 +1,11 @@
 """Shared command-line plumbing: absl flag parsing whose mistakes become one-line errors."""
 
+import contextlib
 import logging as pylogging
 import os
 import re
 import sys
+import tempfile
 from typing import Callable, Sequence
 
 from absl import app
@@ -92,3 +94,29 @@ def exit_promptly(code: int) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def held_stderr(show_on_failure: bool = True):
+  """Sends file descriptor 2 (where C++ libraries such as libtpu print, before any log setting of
+  theirs applies) to a temporary file for the block; the bytearray yielded then holds what was
+  written there. If the block fails, it is shown at once (unless `show_on_failure` is False: the
+  caller's one-line error says it all)."""
+  held = bytearray()
+  sys.stderr.flush()
+  saved = os.dup(2)
+  file = tempfile.TemporaryFile()
+  os.dup2(file.fileno(), 2)
+  failed = True
+  try:
+    yield held
+    failed = False
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    file.seek(0)
+    held.extend(file.read())
+    file.close()
+    if failed and show_on_failure:
+      os.write(2, held)

@@ -11,7 +11,6 @@ import os
 import re
 import select
 import sys
-import tempfile
 import threading
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fmnist_jax.cli import verbose
+from fmnist_jax import cli
 from fmnist_jax.errors import UserError
 
 DATA_AXIS = 'data'
@@ -46,7 +45,7 @@ def initialize(dist_config) -> None:
     if dist_config.process_id >= 0:
       kwargs['process_id'] = dist_config.process_id
     if kwargs or any(os.environ.get(name) for name in _MULTI_PROCESS_ENV):
-      if not verbose():
+      if not cli.verbose():
         _drop_gloo_lines()
       jax.distributed.initialize(**kwargs)
   start_backends()
@@ -74,18 +73,18 @@ def start_backends() -> None:
     return
   _backends_started = True
   error = None
-  with _held_stderr() as held:
+  with cli.held_stderr() as held:
     try:
       backend = jax.default_backend()
     except RuntimeError as e:  # JAX_PLATFORMS names a platform that cannot start.
       error = ' '.join(str(e).split())
-  if verbose():
+  if cli.verbose():
     os.write(2, held)
   if error:
     raise UserError(f'{error}; --verbosity=0 shows the libraries\' own messages.')
   expected = expected_accelerators()
   if backend == 'cpu' and expected and jax.process_index() == 0:
-    why = '' if verbose() else ' (--verbosity=0 shows why)'
+    why = '' if cli.verbose() else ' (--verbosity=0 shows why)'
     print(f'warning: no {" or ".join(expected)} could be used; running on the CPU{why}.',
           file=sys.stderr, flush=True)
 
@@ -99,30 +98,6 @@ def expected_accelerators() -> list[str]:
     return [p.upper() for p in named if p in _ACCELERATOR_PLATFORMS]
   return list(dict.fromkeys(kind for package, kind in _ACCELERATOR_PACKAGES
                             if importlib.util.find_spec(package) is not None))
-
-
-@contextlib.contextmanager
-def _held_stderr():
-  """Sends file descriptor 2 (where C++ libraries print) to a temporary file for the block; the
-  bytearray yielded then holds what was written there. Shown at once if the block fails."""
-  held = bytearray()
-  sys.stderr.flush()
-  saved = os.dup(2)
-  file = tempfile.TemporaryFile()
-  os.dup2(file.fileno(), 2)
-  failed = True
-  try:
-    yield held
-    failed = False
-  finally:
-    sys.stderr.flush()
-    os.dup2(saved, 2)
-    os.close(saved)
-    file.seek(0)
-    held.extend(file.read())
-    file.close()
-    if failed:
-      os.write(2, held)
 
 
 # Gloo (the CPU collectives of a multi-process run) prints "[Gloo] Rank N is connected to M peer
@@ -182,9 +157,9 @@ class _LineFilter:
     self._thread.join(timeout=5)
 
 
-def make_mesh() -> Mesh:
-  """A 1-D mesh over every device of every process."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def make_mesh(devices=None) -> Mesh:
+  """The 1-D 'data' mesh over `devices` (default: every device of every process)."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

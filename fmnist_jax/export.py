@@ -40,7 +40,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 
 from absl import flags
@@ -72,14 +71,13 @@ def set_host_device_count(n: int) -> None:
 def mesh_of(num_devices: int):
   """The trainer's 1-D 'data' mesh over the first num_devices CPU devices."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from fmnist_jax import distributed  # pylint: disable=g-import-not-at-top
   devices = jax.devices('cpu')
   if len(devices) < num_devices:
     raise UserError(f'--devices={num_devices} but this process has {len(devices)} CPU devices; '
                     f'run the export in a fresh process (it sets XLA_FLAGS=--xla_force_host_'
                     f'platform_device_count={num_devices} before JAX starts).')
-  return jax.sharding.Mesh(np.asarray(devices[:num_devices]), (distributed.DATA_AXIS,))
+  return distributed.make_mesh(devices[:num_devices])
 
 
 EXPORTED = ('train_chunk', 'shuffle', 'evaluate')  # The training programs written out.
@@ -88,12 +86,7 @@ EXPORTED = ('train_chunk', 'shuffle', 'evaluate')  # The training programs writt
 def training_programs(config, mesh) -> dict:
   """{name: programs.Program} of the trainer's programs on `mesh`: the very construction the
   trainer compiles (fmnist_jax/programs.py), for the full Fashion-MNIST splits."""
-  from fmnist_jax import NUM_TEST, NUM_TRAIN  # pylint: disable=g-import-not-at-top
-  from fmnist_jax import programs  # pylint: disable=g-import-not-at-top  (imports JAX)
-  from fmnist_jax.plan import RunPlan  # pylint: disable=g-import-not-at-top
-  plan = RunPlan.create(config, NUM_TRAIN, NUM_TEST, mesh.size)
-  progs = programs.programs(config, mesh, plan)
-  return {name: progs[name] for name in EXPORTED if name in progs}
+  return compiled_programs(config, mesh, stream_chunk=False, names=EXPORTED)
 
 
 def predict_function(config, graphdef, params):
@@ -227,21 +220,12 @@ def steps_covered(name: str, config) -> int:
 @contextlib.contextmanager
 def native_stderr(show: bool):
   """Holds back what native code writes to stderr in the block (libtpu warns that this machine has
-  no TPU before its log settings apply, so TPU_MIN_LOG_LEVEL cannot hide it); replays it if show."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as held:
-    os.dup2(held.fileno(), 2)
-    try:
-      yield
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      if show:
-        held.seek(0)
-        sys.stderr.write(held.read().decode(errors='replace'))
-        sys.stderr.flush()
+  no TPU before its log settings apply, so TPU_MIN_LOG_LEVEL cannot hide it); replays it if show,
+  also when the block fails (a refused program's one-line error stands alone otherwise)."""
+  with cli.held_stderr(show_on_failure=show) as held:
+    yield
+  if show:
+    os.write(2, held)
 
 
 def _first_line(error: Exception) -> str:
@@ -278,13 +262,6 @@ def gpu_devices(gpu: accelerators.GpuTarget, count: int) -> list:
                     f'reinstall a plugin that matches jax: {GPU_FIX}.') from None
 
 
-def _mesh(devices):
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from fmnist_jax import distributed  # pylint: disable=g-import-not-at-top
-  return jax.sharding.Mesh(np.asarray(devices), (distributed.DATA_AXIS,))
-
-
 def _compile(program, name: str = '', where: str = ''):
   """(compiled, seconds) of one program, compiled fresh (JAX's cache would hide the time).
 
@@ -300,13 +277,6 @@ def _compile(program, name: str = '', where: str = ''):
     reason = text.split('RESOURCE_EXHAUSTED: ')[-1].rstrip('.')
     raise UserError(f'does not fit: {name} on {where}: {reason}; {accelerators.FIT_HINT}') from None
   return compiled, time.perf_counter() - start
-
-
-def _cost(compiled) -> dict:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # jax < 0.4.30 returned one dict per device.
-    cost = cost[0] if cost else None
-  return cost or {}
 
 
 def _memory(compiled) -> dict:
@@ -330,12 +300,14 @@ def compile_tpu(config, target: accelerators.TpuTarget, stream_chunk: bool = Tru
                 log=print) -> list[dict]:
   """Compiles the programs with XLA:TPU for one topology: a record per program (see module doc);
   flops, bytes and the compiler's estimated time are per device."""
+  from fmnist_jax import distributed, programs  # pylint: disable=g-import-not-at-top  (JAX)
   devices = tpu_devices(target)
   accelerators.check_divisible(config.batch_size, len(devices), f'--tpu {target.name}')
+  mesh = distributed.make_mesh(devices)
   records = []
-  for name, program in compiled_programs(config, _mesh(devices), stream_chunk, names).items():
+  for name, program in compiled_programs(config, mesh, stream_chunk, names).items():
     compiled, seconds = _compile(program, name, target.name)
-    cost = _cost(compiled)
+    cost = programs.cost(compiled)
     records.append(_record(target.name, len(devices), name, seconds, _memory(compiled),
                            cost.get('flops'), cost.get('bytes accessed'),
                            cost.get('optimal_seconds'), steps_covered(name, config)))
@@ -348,14 +320,16 @@ def compile_gpu(config, gpu: accelerators.GpuTarget, count: int, stream_chunk: b
   """Compiles the programs with XLA:GPU for `count` GPUs of one machine. XLA:GPU's compile-only
   client reports no cost, so flops and bytes come from compiling the same programs for as many
   CPU devices, and the time is accelerators.gpu_roofline's bound."""
+  from fmnist_jax import distributed, programs  # pylint: disable=g-import-not-at-top  (JAX)
   devices = gpu_devices(gpu, count)
   accelerators.check_divisible(config.batch_size, count, f'{count} x {gpu.name}')
-  cpu_mesh = _mesh(cpu_devices(count))
-  on_cpu = compiled_programs(config, cpu_mesh, stream_chunk, names)
+  on_cpu = compiled_programs(config, distributed.make_mesh(cpu_devices(count)), stream_chunk,
+                             names)
   records = []
-  for name, program in compiled_programs(config, _mesh(devices), stream_chunk, names).items():
+  for name, program in compiled_programs(config, distributed.make_mesh(devices), stream_chunk,
+                                         names).items():
     compiled, seconds = _compile(program, name, f'{count} x {gpu.name}')
-    cost = _cost(_compile(on_cpu[name])[0])
+    cost = programs.cost(_compile(on_cpu[name])[0])
     flops, bytes_accessed = cost.get('flops'), cost.get('bytes accessed')
     bound = (accelerators.gpu_roofline(gpu, config.compute_dtype, flops, bytes_accessed)
              if flops is not None and bytes_accessed is not None else None)

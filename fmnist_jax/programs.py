@@ -26,6 +26,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cache
 from fmnist_jax import IMAGE_PIXELS, IMAGE_SIZE
 from fmnist_jax import distributed
 from fmnist_jax import inference
+from fmnist_jax import model as model_lib
 from fmnist_jax import steps as steps_lib
 from fmnist_jax.plan import RunPlan
 
@@ -57,17 +58,12 @@ def _batches(mesh, steps: int, batch: int, flat: bool = False) -> dict:
           'mask': _spec(lead + (batch,), jnp.float32, sharding)}
 
 
-def abstract_state(config) -> steps_lib.TrainState:
-  """The train state's shapes and dtypes, without computing it."""
-  return jax.eval_shape(lambda: steps_lib._init_state(config)[1])  # pylint: disable=protected-access
-
-
 def programs(config, mesh, plan: RunPlan, graphdef=None) -> dict[str, Program]:
   """Every program the trainer runs for `config` on `mesh`, with its argument specs."""
-  graphdef = graphdef if graphdef is not None else steps_lib.model_lib.graphdef(config)
+  graphdef = graphdef if graphdef is not None else model_lib.graphdef(config)
   steps = steps_lib.make_steps(config, graphdef)
   repl, rows = distributed.replicated(mesh), distributed.batch_sharded(mesh, 1)
-  state = jax.tree.map(lambda a: _spec(a.shape, a.dtype, repl), abstract_state(config))
+  state = jax.tree.map(lambda a: _spec(a.shape, a.dtype, repl), steps_lib.abstract_state(config))
   scalar = _spec((), jnp.int32, repl)
   b = config.batch_size
   if config.input_mode == 'device':  # The shuffled epoch, flat images (a faster gather).
@@ -165,13 +161,16 @@ def compile_all(progs: dict[str, Program], names=None) -> Compiled:
   return Compiled(compiled, seconds, (requests > 0 and hits == requests) if on else None)
 
 
+def cost(compiled) -> dict:
+  """XLA's cost analysis of a compiled program ('flops', 'bytes accessed', ...; per device);
+  {} where the backend has none (XLA:GPU without a GPU)."""
+  return compiled.cost_analysis() or {}
+
+
 def step_flops(compiled_step) -> float | None:
   """The flops of one train step from XLA's cost analysis of the compiled one-step program."""
   try:
-    cost = compiled_step.cost_analysis()
+    flops = cost(compiled_step).get('flops')
   except Exception:  # pylint: disable=broad-except  (a backend without cost analysis)
     return None
-  if isinstance(cost, (list, tuple)):  # jax < 0.4.30 returned one dict per device.
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get('flops')
   return float(flops) if flops and flops > 0 else None

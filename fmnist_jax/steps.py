@@ -58,6 +58,11 @@ def init_state(config) -> tuple[Any, TrainState]:
   return model_lib.graphdef(config), jax.jit(lambda: _init_state(config)[1])()
 
 
+def abstract_state(config) -> TrainState:
+  """The train state's shapes and dtypes, without computing it."""
+  return jax.eval_shape(lambda: _init_state(config)[1])
+
+
 def _init_state(config) -> tuple[Any, TrainState]:
   tx = make_optimizer(config)
   graphdef, params = model_lib.create(config, config.seed)

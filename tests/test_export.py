@@ -131,8 +131,8 @@ def test_the_export_lowers_what_the_trainer_compiles(overrides):
           assert program.lower().as_text() == trainer[name].lower().as_text(), name
       print('same')
   ''')
-  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                          env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env)
   assert result.stdout.strip() == 'same', result.stderr[-3000:]
 
 
@@ -257,12 +257,12 @@ def test_the_chunks_cost_covers_unroll_plus_one_steps():
   """steps_covered's claim, checked on the CPU compiler: the chunk's flops are (loop_unroll + 1)
   train steps' (its two loop bodies, counted once each), plus the batch gathers."""
   import jax
-  from fmnist_jax import config_files, export
+  from fmnist_jax import config_files, export, programs
   config = config_files.base()
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
   progs = export.compiled_programs(config, mesh, names=('train_step', 'train_chunk'))
-  step, chunk = (export._cost(progs[n].lower().compile())['flops'] for n in ('train_step',
-                                                                              'train_chunk'))
+  step, chunk = (programs.cost(progs[n].lower().compile())['flops']
+                 for n in ('train_step', 'train_chunk'))
   steps = export.steps_covered('train_chunk', config)
   assert steps == config.loop_unroll + 1 == 5
   assert steps * step <= chunk < steps * step * 1.1
