@@ -129,15 +129,15 @@ def check_source(data_config) -> None:
     return  # Prepared (perhaps damaged): tfds reads it, `load` heals or names the damage.
   if manual_dir(data_config) is not None:
     return
+  _check_download(data_config)
+
+
+def _check_download(data_config) -> None:
+  """Raises DataError when tfds may not download (data.download off) or its download host is
+  unreachable: decided in seconds, instead of minutes of tfds's retries."""
   if not data_config.download:
-    raise DataError(f'Fashion-MNIST not found in {root} nor as local IDX files, and '
-                    f'data.download is off; {HOW_TO_GET}.')
-  _check_reachable()
-
-
-def _check_reachable() -> None:
-  """Raises DataError when tfds's download host is unreachable: decided in seconds, instead of
-  minutes of tfds's retries."""
+    raise DataError(f'Fashion-MNIST not found in {data_dir(data_config)} nor as local IDX files, '
+                    f'and data.download is off; {HOW_TO_GET}.')
   unreachable = _unreachable(DOWNLOAD_URL)
   if unreachable:
     raise DataError(f'Fashion-MNIST not found locally and tfds cannot download it '
@@ -301,11 +301,8 @@ def _prepare(root: str, data_config, verbose: bool, local: Arrays | None = None)
   """Prepares the tfds dataset from local IDX files, else by tfds's download; returns the builder."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   source = manual_dir(data_config)
-  if source is None and not data_config.download:
-    raise DataError(f'Fashion-MNIST not found in {data_dir(data_config)} nor as local IDX files, '
-                    f'and data.download is off; {HOW_TO_GET}.')
   if source is None:
-    _check_reachable()
+    _check_download(data_config)  # Again: a damaged dataset passed check_source.
     builder = _builder(root)
     if verbose:
       print(f'No local IDX files; asking tfds to download {DATASET}.', flush=True)

@@ -1,4 +1,5 @@
-"""Peak FLOP/s of accelerators, by the `device_kind` JAX reports, for MFU (model FLOP/s utilisation).
+"""Peak FLOP/s of accelerators, by the `device_kind` JAX reports, for MFU (model FLOP/s
+utilisation).
 
 Dense matrix-multiply peaks per JAX device, from the vendors' published specifications:
 - TPUs (cloud.google.com/tpu/docs, the system architecture page of each version): bf16 per chip;

@@ -13,7 +13,6 @@ summary.json, config.json and TensorBoard event files.
 """
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -30,12 +29,11 @@ from fmnist_jax import prefetch
 from fmnist_jax import programs as programs_lib
 from fmnist_jax import steps as steps_lib
 from fmnist_jax import timing
+from fmnist_jax import validate
 from fmnist_jax import workdir as workdir_lib
-from fmnist_jax.errors import DivergenceError, Interrupted, UserError
+from fmnist_jax.errors import DivergenceError
 from fmnist_jax.plan import RunPlan
 from fmnist_jax.signals import StopSignals
-from fmnist_jax import validate
-from fmnist_jax.validate import validate_config
 
 
 def train_and_evaluate(config, workdir: str, fresh: bool = False) -> dict:
@@ -52,7 +50,7 @@ def train_and_evaluate(config, workdir: str, fresh: bool = False) -> dict:
     DivergenceError: for a non-finite loss or gradient.
     Interrupted: after SIGTERM / SIGINT on any process, once a checkpoint is saved.
   """
-  validate_config(config)
+  validate.validate_config(config)
   distributed.initialize(config.distributed)
   validate.check_sizes(config, validate.device_memory_bytes())  # Before any file is written.
   workdir = workdir_lib.prepare(workdir, fresh=fresh)
@@ -110,14 +108,14 @@ def _run(config, workdir: str) -> dict:
     history = []
     if restored is not None:
       state, history = restored[0], restored[1]['history']
-    if int(state.step) >= plan.total_steps:
-      summary = out.finished_summary(int(state.step), plan.total_steps)
+    step = int(state.step)
+    if step >= plan.total_steps:
+      summary = out.finished_summary(step, plan.total_steps)
       if summary is not None:
         return summary
-    elif history or int(state.step):
-      out.log(f'Resuming from the checkpoint at step {int(state.step)} '
-              f'({plan.position(int(state.step))}).')
-    plan = plan.with_profile_window(int(state.step), config.profile_steps)
+    elif step:
+      out.log(f'Resuming from the checkpoint at step {step} ({plan.position(step)}).')
+    plan = plan.with_profile_window(step, config.profile_steps)
     progs = programs_lib.programs(config, mesh, plan, graphdef)
     if not config.tensorboard:
       del progs['predict']  # Only the TensorBoard figure uses it.
@@ -163,8 +161,8 @@ def _train(run: Run, state, history: list[dict], arrays, times: dict) -> dict:
       history.append(entry)
       run.save(state, history)
       run.out.epoch(entry, plan.steps_per_epoch)
-      if stop and int(state.step) < plan.total_steps:
-        raise run.signals.error(int(state.step), run.plan.steps_per_epoch, run.ckpt.directory)  # The epoch-end checkpoint is already saved.
+      if stop and int(state.step) < plan.total_steps:  # The epoch's checkpoint is saved.
+        raise run.signals.error(int(state.step), plan.steps_per_epoch, run.ckpt.directory)
   summary = outputs_lib.make_summary(run, state, history, arrays['test'], steps_run, {
       'train_seconds': train_seconds, 'eval_seconds': eval_seconds,
       'compile_seconds': run.compiled.seconds, 'data_seconds': times['data_seconds'],
@@ -225,7 +223,7 @@ def run_epoch(run: Run, state, history, epoch: int, chunks: ChunkSource):
     offset = first
     while offset < first + count:
       n = min(first + count - offset, plan.next_stop(step) - step)
-      run.out.profile(step, n, plan)
+      run.out.profile(step, plan)
       state = program(state, data, np.int32(offset), np.int32(n))
       step, offset = step + n, offset + n
       if step == plan.next_stop(step - n) and after_stop(run, state, history, epoch, started):
@@ -245,7 +243,7 @@ def after_stop(run: Run, state, history: list[dict], epoch: int, epoch_started: 
   if not at_epoch_end and (stop or run.plan.checkpoint_due(step)):
     run.save(state, history)
   if stop and not at_epoch_end:
-    raise run.signals.error(int(state.step), run.plan.steps_per_epoch, run.ckpt.directory)
+    raise run.signals.error(step, run.plan.steps_per_epoch, run.ckpt.directory)
   if not at_epoch_end:
     run.out.progress(epoch, step - epoch * run.plan.steps_per_epoch, run.plan.steps_per_epoch,
                      time.perf_counter() - epoch_started)

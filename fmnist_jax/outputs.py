@@ -99,7 +99,7 @@ class Outputs:
     self.say(result_line(summary))
     return summary
 
-  def profile(self, step: int, num_steps: int, plan) -> None:
+  def profile(self, step: int, plan) -> None:
     """Starts jax.profiler's trace where the plan's profile window starts, stops it at its end
     (TensorBoard's profile plugin reads <workdir>/tensorboard/plugins/profile/)."""
     import jax  # pylint: disable=g-import-not-at-top
@@ -109,7 +109,6 @@ class Outputs:
       self._tracing = True
     elif self._tracing and (not window or step >= window[1]):
       self.stop_profile()
-    del num_steps
 
   def stop_profile(self) -> None:
     if self._tracing:

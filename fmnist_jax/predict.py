@@ -5,8 +5,9 @@
     python -m fmnist_jax.predict --workdir workdirs/base --json *.png
     python -m fmnist_jax.predict --workdir workdirs/base --robustness   # photos made from tests
 
-Only the command line lives here; the library functions work in a notebook too: fmnist_jax.inference
-(load_trained, predict_probs, confusion_matrix, per_class_table), fmnist_jax.plots for the figures. Nothing here changes
+Only the command line lives here; the library functions work in a notebook too:
+fmnist_jax.inference (load_trained, predict_probs, confusion_matrix, per_class_table),
+fmnist_jax.plots for the figures. Nothing here changes
 the workdir's training files: checkpoints are opened read-only.
 """
 

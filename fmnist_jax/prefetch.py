@@ -1,4 +1,5 @@
-"""Runs an iterator in a background thread a few items ahead (host chunks while the device trains)."""
+"""Runs an iterator in a background thread a few items ahead (host chunks while the device
+trains)."""
 
 import queue
 import threading

@@ -10,7 +10,7 @@ import pytest
 
 from PIL import Image
 
-from fmnist_jax import CLASS_NAMES, images, inference, plots, predict
+from fmnist_jax import CLASS_NAMES, images, inference, plots
 from tests.conftest import run_cli
 
 
