@@ -2,7 +2,7 @@
 # The GPU check, prepared to fit in about 8 minutes on one GPU. Writes to benchmarks/reports/
 # (or $1): gpu-<device>.md/.json/.png from benchmarks.run (every peer that can run there: the
 # tutorial runs, the batch-size sweep, K vmapped models) and gpu-<device>-fused-loop.md (a sweep of
-# config.loop_unroll and XLA's GPU command-buffer flags for the fused training loop).
+# XLA's GPU command-buffer flags for the fused training loop).
 #
 #   benchmarks/device_check.sh [OUT_DIR]
 #
@@ -47,7 +47,7 @@ timeout 360 "$PY" -m benchmarks.run --repeats 2 --epochs 5 --throughput-epochs 2
   || echo "device_check: benchmarks.run stopped (exit $?) after ${SECONDS} s"
 echo "device_check: benchmarks.run done at ${SECONDS} s"
 
-# 2. The fused loop: loop_unroll x command buffers, 3 epochs at batch 32 each (about 2 minutes).
+# 2. The fused loop under XLA's command-buffer settings, 3 epochs at batch 32 each (about a minute).
 timeout 180 "$PY" - "$OUT" <<'PY' || echo "device_check: sweep stopped (exit $?)"
 import json, os, statistics, subprocess, sys, tempfile
 out = sys.argv[1]
@@ -58,37 +58,34 @@ VARIANTS = {  # XLA_FLAGS for each command-buffer setting.
                   'CONDITIONAL,WHILE',
 }
 rows, device = [], None
-for unroll in (1, 4, 16):
-  for name, flag in VARIANTS.items():
-    if name == 'with loops' and unroll != 4:
+for name, flag in VARIANTS.items():
+  with tempfile.TemporaryDirectory() as workdir:
+    env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {flag}'.strip())
+    cmd = [sys.executable, '-m', 'fmnist_jax.train', '--config', 'configs/base.py',
+           '--workdir', workdir, '--config.num_epochs=3', '--config.tensorboard=False',
+           '--config.progress=False']
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=50)
+    if proc.returncode:
+      tail = (proc.stderr.strip().splitlines() or ['no output'])[-1][:200]
+      rows.append(f'| {name} | error: {tail} | | | |')
       continue
-    with tempfile.TemporaryDirectory() as workdir:
-      env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {flag}'.strip())
-      cmd = [sys.executable, '-m', 'fmnist_jax.train', '--config', 'configs/base.py',
-             '--workdir', workdir, '--config.num_epochs=3', f'--config.loop_unroll={unroll}',
-             '--config.tensorboard=False', '--config.progress=False']
-      proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=50)
-      if proc.returncode:
-        tail = (proc.stderr.strip().splitlines() or ['no output'])[-1][:200]
-        rows.append(f'| {unroll} | {name} | error: {tail} | | | |')
-        continue
-      summary = json.load(open(os.path.join(workdir, 'summary.json')))
-      epochs = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-      device = device or summary.get('device_kind')
-      steady = statistics.median(e['seconds'] for e in epochs[1:])
-      rows.append(f'| {unroll} | {name} | {summary["steps_per_epoch"] / steady:,.0f} | '
-                  f'{summary["compile_seconds"]:.2f} | {epochs[0]["seconds"]:.2f} | '
-                  f'{summary["test_accuracy"]:.4f} |')
-    print('device_check:', rows[-1], flush=True)
+    summary = json.load(open(os.path.join(workdir, 'summary.json')))
+    epochs = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+    device = device or summary.get('device_kind')
+    steady = statistics.median(e['seconds'] for e in epochs[1:])
+    rows.append(f'| {name} | {summary["steps_per_epoch"] / steady:,.0f} | '
+                f'{summary["compile_seconds"]:.2f} | {epochs[0]["seconds"]:.2f} | '
+                f'{summary["test_accuracy"]:.4f} |')
+  print('device_check:', rows[-1], flush=True)
 slug = ''.join(c if c.isalnum() else '-' for c in f'gpu-{device or "unknown"}'.lower())
 path = os.path.join(out, f'{slug}-fused-loop.md')
 os.makedirs(out, exist_ok=True)
 with open(path, 'w') as f:
-  f.write(f'# Fused training loop on {device}: loop_unroll x XLA command buffers\n\n'
+  f.write(f'# Fused training loop on {device}: XLA command buffers\n\n'
           'configs/base.py (batch 32, 1,875 steps per epoch), 3 epochs per run; steady rate = '
           'steps per epoch / median time of epochs 2-3. One run per row.\n\n'
-          '| loop_unroll | command buffers | steady steps/s | compile s | epoch 1 s | accuracy |\n'
-          '| --- | --- | --- | --- | --- | --- |\n' + '\n'.join(rows) + '\n')
+          '| command buffers | steady steps/s | compile s | epoch 1 s | accuracy |\n'
+          '| --- | --- | --- | --- | --- |\n' + '\n'.join(rows) + '\n')
 print('device_check: wrote', path)
 PY
 echo "device_check: finished in ${SECONDS} s"

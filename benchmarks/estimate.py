@@ -5,8 +5,8 @@ this machine's measured CPU speed.
     python -m benchmarks.estimate --gpu t4,h100           # needs pip install -e '.[cuda12]'
 
 For batch 32, 512 and 8192 (one model) and for 1, 8 and 64 vmapped models at batch 32 it compiles
-the trainer's one-step program ('train_step', through fmnist_jax.export) for one chip and turns its
-time into steps/s and examples/s: on TPUs XLA:TPU's cost-model estimate, on GPUs a roofline bound
+the trainer's train chunk for one chip (its cost analysis counts the loop body, one step, once)
+and turns its time into steps/s and examples/s: on TPUs XLA:TPU's cost-model estimate, on GPUs a roofline bound
 (fmnist_jax.accelerators). Both leave out loop, launch and host overheads, so they are upper
 bounds on speed, not measurements. Writes benchmarks/reports/tpu-estimate.md and .json (or
 gpu-estimate.*); the CPU column is read from the measured benchmarks/reports/cpu-2core.json.
@@ -68,9 +68,9 @@ def estimate(kind: str, target: str, batch: int, models: int) -> dict:
   config.batch_size, config.num_models = batch, models
   if kind == 'tpu':
     (record,) = export.compile_tpu(config, accelerators.parse_tpu(target), False,
-                                   ('train_step',), log=lambda _: None)
+                                   ('train_chunk',), log=lambda _: None)
   else:
-    (record,) = export.compile_gpu(config, accelerators.GPUS[target], 1, False, ('train_step',),
+    (record,) = export.compile_gpu(config, accelerators.GPUS[target], 1, False, ('train_chunk',),
                                    log=lambda _: None)
   seconds = record['estimated_seconds']
   steps = 1 / seconds if seconds else None  # None: the cost model gave no estimate.
@@ -113,7 +113,8 @@ def markdown(kind: str, report: dict) -> str:
       f'- Compiled on a {report["machine"]} without the accelerator, by '
       f'{"XLA:TPU" if kind == "tpu" else "XLA:GPU"} ({report["compiler"]}). The command: '
       f'`{report["command"]}`.',
-      "- What: one train step, the trainer's own `train_step` program (fmnist_jax/programs.py) of "
+      "- What: one train step, the body of the trainer's own `train_chunk` program "
+      '(fmnist_jax/programs.py; cost analysis counts a loop body once) of '
       'configs/base.py (784-128-10 MLP, Adam, float32), for one chip. Its time is ' + long + '.',
       '- These leave out the loop, launch and host overheads (the trainer runs a whole epoch in '
       'one compiled loop, whose per-step overhead no cost model counts): they bound what a chip '

@@ -183,11 +183,9 @@ def export_all(config, platforms, devices: int, out: str, workdir: str | None = 
 
 # Compiling for TPUs and GPUs without them ------------------------------------------------------
 
-# The programs compiled, in this order: the trainer's own ('train_step' beside the chunk: cost
-# analysis counts a loop's body once, so only the one-step program's numbers are a step's) and
-# the stream and tfds modes' chunk, which takes host batches [K, B, 28, 28] instead.
-COMPILED = ('train_chunk', 'stream_chunk', 'train_step', 'shuffle', 'evaluate', 'predict',
-            'finite')
+# The programs compiled, in this order: the trainer's own and the stream and tfds modes' chunk,
+# which takes host batches [K, B, 28, 28] instead.
+COMPILED = ('train_chunk', 'stream_chunk', 'shuffle', 'evaluate', 'predict', 'finite')
 TPU_FILE, GPU_FILE = 'tpu_compile.json', 'gpu_compile.json'
 TPU_FIX = "pip install -e '.[tpu]'"
 GPU_FIX = "pip install -e '.[cuda12]'"
@@ -207,14 +205,10 @@ def compiled_programs(config, mesh, stream_chunk: bool = True, names=None) -> di
   return {name: progs[name] for name in names or COMPILED if name in progs}
 
 
-def steps_covered(name: str, config) -> int:
-  """How many train steps a program's cost-analysis numbers cover: XLA counts each loop body once,
-  and the chunk (steps.train_chunk) has two loops, of `loop_unroll` steps and of one step."""
-  if name == 'train_step':
-    return 1
-  if name in ('train_chunk', 'stream_chunk'):
-    return config.loop_unroll + 1
-  return 0
+def steps_covered(name: str) -> int:
+  """How many train steps a program's cost-analysis numbers cover: XLA counts a loop's body once,
+  and the chunk's body (steps.train_chunk) is one step."""
+  return 1 if name in ('train_chunk', 'stream_chunk') else 0
 
 
 @contextlib.contextmanager
@@ -310,7 +304,7 @@ def compile_tpu(config, target: accelerators.TpuTarget, stream_chunk: bool = Tru
     cost = programs.cost(compiled)
     records.append(_record(target.name, len(devices), name, seconds, _memory(compiled),
                            cost.get('flops'), cost.get('bytes accessed'),
-                           cost.get('optimal_seconds'), steps_covered(name, config)))
+                           cost.get('optimal_seconds'), steps_covered(name)))
     log(f'compile: {name} for {target.name} with XLA:TPU in {seconds:.1f} s')
   return records
 
@@ -334,7 +328,7 @@ def compile_gpu(config, gpu: accelerators.GpuTarget, count: int, stream_chunk: b
     bound = (accelerators.gpu_roofline(gpu, config.compute_dtype, flops, bytes_accessed)
              if flops is not None and bytes_accessed is not None else None)
     records.append(_record(gpu.name, count, name, seconds, _memory(compiled), flops,
-                           bytes_accessed, bound, steps_covered(name, config)))
+                           bytes_accessed, bound, steps_covered(name)))
     log(f'compile: {name} for {count} x {gpu.name} with XLA:GPU in {seconds:.1f} s')
   return records
 

@@ -25,7 +25,7 @@ ROLES = {
     'data.shuffle_buffer': NUMBERS,  # The tfds mode's data order (the other modes ignore it).
     'num_epochs': LENGTH,
     'eval_batch_size': HOST, 'check_every_steps': HOST, 'stream_chunk_steps': HOST,
-    'loop_unroll': HOST, 'checkpoint_every_steps': HOST, 'max_checkpoints_to_keep': HOST,
+    'checkpoint_every_steps': HOST, 'max_checkpoints_to_keep': HOST,
     'compile_cache_dir': HOST, 'profile_steps': HOST,
     'data.data_dir': PLACE, 'data.manual_dir': PLACE, 'data.download': PLACE,
     'distributed.coordinator_address': PLACE, 'distributed.num_processes': PLACE,

@@ -257,7 +257,7 @@ def make_summary(run, state, history, test, steps_run: int, timing: dict) -> dic
   config, plan = run.config, run.plan
   final, train_seconds = history[-1], timing['train_seconds']
   rate = (lambda n: n / train_seconds if train_seconds else None)
-  flops = programs.step_flops(run.compiled['train_step'])
+  flops = programs.step_flops(run.compiled['train_chunk'])
   kind = jax.devices()[0].device_kind
   peak = hardware.peak_flops(kind, config.compute_dtype)
   achieved = rate(flops * steps_run) if flops else None  # Per device: XLA costs its share.

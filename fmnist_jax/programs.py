@@ -5,8 +5,8 @@ and the TPU/GPU checks compile them for chips this machine does not have.
     compiled = compile_all(progs)              # ahead of time, timed, through JAX's cache
 
 Names: 'train_chunk' (many fused steps over batches [S, B, ...]: the shuffled epoch in the device
-mode, a host chunk [K, B, ...] in the stream and tfds modes), 'train_step' (one step: its cost is a
-step's flops), 'shuffle' (device mode), 'evaluate', 'predict' and 'finite'. Every argument is a
+mode, a host chunk [K, B, ...] in the stream and tfds modes; XLA's cost analysis counts its loop
+body, one step, once), 'shuffle' (device mode), 'evaluate', 'predict' and 'finite'. Every argument is a
 ShapeDtypeStruct with the sharding the trainer gives it: replicated state, batch-sharded data.
 
 Compiled programs survive the process in JAX's persistent compilation cache
@@ -74,7 +74,6 @@ def programs(config, mesh, plan: RunPlan, graphdef=None) -> dict[str, Program]:
       # start and num_steps are runtime values: one program for every chunk length.
       'train_chunk': Program(jax.jit(steps.train_chunk, donate_argnums=0),
                              (state, data, scalar, scalar), donated=True),
-      'train_step': Program(jax.jit(steps.train_step), (state, _batches(mesh, 0, b))),
       'evaluate': Program(jax.jit(steps.evaluate),
                           (state.params, _batches(mesh, plan.test_batches, plan.eval_batch_size))),
       'predict': Program(jax.jit(inference.make_probs_fn(config, graphdef)),
@@ -167,10 +166,11 @@ def cost(compiled) -> dict:
   return compiled.cost_analysis() or {}
 
 
-def step_flops(compiled_step) -> float | None:
-  """The flops of one train step from XLA's cost analysis of the compiled one-step program."""
+def step_flops(compiled_chunk) -> float | None:
+  """The flops of one train step: XLA's cost analysis of the compiled train chunk, which counts
+  its loop body (one step, and that step's batch gather) once."""
   try:
-    flops = cost(compiled_step).get('flops')
+    flops = cost(compiled_chunk).get('flops')
   except Exception:  # pylint: disable=broad-except  (a backend without cost analysis)
     return None
   return float(flops) if flops and flops > 0 else None

@@ -121,7 +121,7 @@ def make_steps(config, graphdef) -> Steps:
     return model_lib.apply(graphdef, params, images, dtype)
 
   train_step = _train_step_fn(config, logits_fn)
-  return Steps(train_step=train_step, train_chunk=_train_chunk_fn(train_step, config.loop_unroll),
+  return Steps(train_step=train_step, train_chunk=_train_chunk_fn(train_step),
                evaluate=_evaluate_fn(config, logits_fn), logits=logits_fn)
 
 
@@ -163,26 +163,21 @@ def _train_step_fn(config, logits_fn) -> Callable[[TrainState, Batch], TrainStat
   return train_step
 
 
-def _train_chunk_fn(train_step, unroll: int) -> Callable[..., TrainState]:
+def _train_chunk_fn(train_step) -> Callable[..., TrainState]:
   def train_chunk(state: TrainState, data: Batch, start, num_steps) -> TrainState:
     """`num_steps` train steps on batches start, start+1, ... of `data` [S, B, ...].
 
     `start` and `num_steps` are runtime values, so one compiled program serves every chunk
-    length (checkpoint intervals, a resume mid-epoch, the short last chunk of a stream).
+    length (checks, checkpoints, a resume mid-epoch, the short last chunk of a stream). Every
+    step is one iteration of the same loop body: where a chunk starts or ends cannot change
+    what a step computes, so any cut of a run gives the bits of the uncut one.
     """
     def step_at(i, state):
       batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, start + i, keepdims=False),
                            data)
       return train_step(state, batch)
 
-    def block(j, state):  # `unroll` steps per loop iteration: less loop overhead on a CPU.
-      for k in range(unroll):
-        state = step_at(j * unroll + k, state)
-      return state
-
-    blocks = num_steps // unroll
-    state = jax.lax.fori_loop(0, blocks, block, state)
-    return jax.lax.fori_loop(blocks * unroll, num_steps, step_at, state)
+    return jax.lax.fori_loop(0, num_steps, step_at, state)
 
   return train_chunk
 

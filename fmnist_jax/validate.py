@@ -94,7 +94,7 @@ def _check_optimizer_numbers(config) -> None:
 def validate_config(config) -> None:
   """Raises UserError naming the first bad field and a value that works."""
   for name in ('num_epochs', 'batch_size', 'eval_batch_size', 'num_models',
-               'max_checkpoints_to_keep', 'loop_unroll', 'stream_chunk_steps'):
+               'max_checkpoints_to_keep', 'stream_chunk_steps'):
     _positive(config, name)
   if config.batch_size > TRAIN_EXAMPLES:
     raise UserError(f'batch_size={config.batch_size} is larger than the training set '

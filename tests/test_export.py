@@ -253,21 +253,22 @@ def test_table_names_estimates_and_shares_of_memory():
   assert "XLA:TPU's cost model, not measurements" in tpu and '6.25%' in tpu
 
 
-def test_the_chunks_cost_covers_unroll_plus_one_steps():
-  """steps_covered's claim, checked on the CPU compiler: the chunk's flops are (loop_unroll + 1)
-  train steps' (its two loop bodies, counted once each), plus the batch gathers."""
+def test_the_chunks_cost_covers_one_step():
+  """steps_covered's claim, checked on the CPU compiler: XLA counts the chunk's loop body, one
+  train step and its batch's gather, once."""
   import jax
-  from fmnist_jax import config_files, export, programs
+  from fmnist_jax import config_files, export, model, programs, steps as steps_lib
   config = config_files.base()
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
-  progs = export.compiled_programs(config, mesh, names=('train_step', 'train_chunk'))
-  step, chunk = (programs.cost(progs[n].lower().compile())['flops']
-                 for n in ('train_step', 'train_chunk'))
-  steps = export.steps_covered('train_chunk', config)
-  assert steps == config.loop_unroll + 1 == 5
-  assert steps * step <= chunk < steps * step * 1.1
+  (chunk_program,) = export.compiled_programs(config, mesh, names=('train_chunk',)).values()
+  chunk = programs.cost(chunk_program.lower().compile())['flops']
+  state, data = chunk_program.args[:2]
+  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), data)
+  one_step = jax.jit(steps_lib.make_steps(config, model.graphdef(config)).train_step)
+  step = programs.cost(one_step.lower(state, batch).compile())['flops']
+  assert export.steps_covered('train_chunk') == 1
+  assert step <= chunk < step * 1.1
   # The analytic count: 2 flops per multiply-add forward and as many for the weights' gradients
-  # (the images need none), 4 x parameters x batch = 1.30e7; Adam's update adds ~1.4e6.
   assert step == pytest.approx(4 * 101_770 * config.batch_size, rel=0.15)
 
 
@@ -276,12 +277,12 @@ def test_the_chunks_cost_covers_unroll_plus_one_steps():
 def test_xla_tpu_compiles_a_train_step_within_memory():
   from fmnist_jax import accelerators, config_files, export
   config = config_files.base()
-  records = export.compile_tpu(config, accelerators.parse_tpu('v5e:1x1'), names=('train_step',
+  records = export.compile_tpu(config, accelerators.parse_tpu('v5e:1x1'), names=('train_chunk',
                                                                                 'predict'))
   step = records[0]
   assert set(step) == {'topology', 'devices', 'program', 'compile_seconds', 'memory_bytes',
                        'flops', 'bytes_accessed', 'estimated_seconds', 'steps'}
-  assert (step['program'], step['devices'], step['steps']) == ('train_step', 1, 1)
+  assert (step['program'], step['devices'], step['steps']) == ('train_chunk', 1, 1)
   assert step['flops'] == pytest.approx(1.3e7, rel=0.2) and 0 < step['estimated_seconds'] < 1e-3
   accelerators.check_memory(records, export.tpu_capacity)
 
@@ -291,7 +292,7 @@ def test_xla_tpu_compiles_a_train_step_within_memory():
 def test_xla_gpu_compiles_a_train_step_with_a_roofline_bound():
   from fmnist_jax import accelerators, config_files, export
   config = config_files.base()
-  (step,) = export.compile_gpu(config, accelerators.GPUS['t4'], 1, names=('train_step',))
+  (step,) = export.compile_gpu(config, accelerators.GPUS['t4'], 1, names=('train_chunk',))
   assert step['flops'] == pytest.approx(1.3e7, rel=0.2)
   assert step['estimated_seconds'] == pytest.approx(step['bytes_accessed'] / 320e9)
   accelerators.check_memory([step], export.gpu_capacity)
@@ -337,7 +338,7 @@ def test_xla_tpu_command_is_quiet_and_writes_its_records(tmp_path):
   records = json.loads((tmp_path / 'tpu_compile.json').read_text())
   assert [(r['topology'], r['devices'], r['program']) for r in records] == [
       (t, n, p) for t, n in (('v5e:1x1', 1), ('v6e:2x2', 4))
-      for p in ('train_chunk', 'train_step', 'evaluate', 'predict', 'finite')]
+      for p in ('train_chunk', 'evaluate', 'predict', 'finite')]
   assert "XLA:TPU's cost model, not measurements" in result.stdout
 
 

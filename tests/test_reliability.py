@@ -84,58 +84,6 @@ def _wait_for_checkpoint(proc, workdir, at_least):
   raise AssertionError('no checkpoint appeared')
 
 
-@pytest.fixture(scope='module')
-def stream_reference(tmp_path_factory, data_dir):
-  """An uninterrupted run fed from the host in chunks (input_mode=stream)."""
-  workdir = tmp_path_factory.mktemp('stream_reference')
-  loop.train_and_evaluate(_config(data_dir, 'stream'), str(workdir))
-  return workdir
-
-
-@pytest.mark.parametrize('input_mode', ['device', 'stream'])
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(input_mode, data_dir, request,
-                                                            tmp_path):
-  """Killed mid-epoch (in stream mode: mid host stream, chunks of 50 batches in flight), the
-  resumed run ends bitwise identical to an uninterrupted one in the same mode."""
-  reference = request.getfixturevalue('reference' if input_mode == 'device'
-                                      else 'stream_reference')
-  proc = _start(data_dir, tmp_path, input_mode)
-  seen = _wait_for_checkpoint(proc, tmp_path, 3 * EVERY)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()
-  assert proc.returncode == -signal.SIGKILL
-  assert not (tmp_path / 'summary.json').exists()  # Killed before the end.
-  config = _config(data_dir, input_mode)
-  state, _ = restore_state(config, tmp_path)
-  assert seen <= int(state.step) < 2 * 938
-  result = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path, input_mode),
-                   '--config.progress=True')
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert 'Resuming from the checkpoint at step' in result.stdout
-  _assert_bitwise_same_run(config, tmp_path, reference)
-
-
-@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
-def test_stop_signal_saves_and_resumes(sig, data_dir, reference, tmp_path):
-  proc = _start(data_dir, tmp_path)
-  _wait_for_checkpoint(proc, tmp_path, EVERY)
-  proc.send_signal(sig)
-  _, err = proc.communicate(timeout=120)
-  if proc.returncode == 0:
-    pytest.skip('the run finished before the signal arrived')
-  assert proc.returncode == 130, err[-2000:]
-  assert 'Traceback' not in err
-  message = [l for l in err.splitlines() if l.startswith('error: ')]
-  assert len(message) == 1 and f'{signal.Signals(sig).name} received: stopped at step' in message[0]
-  assert 'run the same command again to resume' in message[0]
-  stopped_at = int(message[0].split('stopped at step ')[1].split()[0])
-  state, _ = restore_state(_config(data_dir), tmp_path)
-  assert int(state.step) == stopped_at  # The checkpoint is the state it stopped in.
-  result = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path))
-  assert result.returncode == 0, result.stderr[-2000:]
-  _assert_bitwise_same_run(_config(data_dir), tmp_path, reference)
-
-
 def _data_files(step_dir):
   """The files of a checkpoint's array data (orbax's OCDBT data files), largest first."""
   found = [os.path.join(root, name) for root, _, files in os.walk(step_dir / 'state')
