@@ -7,7 +7,7 @@ this machine's measured CPU speed.
 For batch 32, 512 and 8192 (one model) and for 1, 8 and 64 vmapped models at batch 32 it compiles
 the trainer's train chunk for one chip (its cost analysis counts the loop body, one step, once)
 and turns its time into steps/s and examples/s: on TPUs XLA:TPU's cost-model estimate, on GPUs a roofline bound
-(fmnist_jax.accelerators). Both leave out loop, launch and host overheads, so they are upper
+(fmnist_jax.hardware.targets). Both leave out loop, launch and host overheads, so they are upper
 bounds on speed, not measurements. Writes benchmarks/reports/tpu-estimate.md and .json (or
 gpu-estimate.*); the CPU column is read from the measured benchmarks/reports/cpu-2core.json.
 """
@@ -19,9 +19,9 @@ import os
 import platform
 import sys
 
-from fmnist_jax import accelerators
-from fmnist_jax import config_files
-from fmnist_jax import export
+from fmnist_jax.hardware import targets
+from fmnist_jax import config as config_lib
+from fmnist_jax.hardware import compile_check
 from fmnist_jax.errors import exit_on_user_error
 
 REPORTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'reports')
@@ -34,7 +34,7 @@ WHAT = {
     'gpu': ('roofline-bound estimates, not measurements',
             'a roofline bound: the larger of flops / peak FLOP/s and bytes accessed / memory '
             "bandwidth (flops and bytes from XLA:CPU's cost analysis of the same program, peaks "
-            'from fmnist_jax/hardware.py and the device description)'),
+            'from fmnist_jax/hardware/targets.py and the device description)'),
 }
 
 
@@ -64,13 +64,13 @@ def cpu_measured(path: str = CPU_REPORT) -> tuple[dict, str]:
 
 def estimate(kind: str, target: str, batch: int, models: int) -> dict:
   """One train step of the base config at that batch and model count, compiled for one chip."""
-  config = copy.deepcopy(config_files.base())
+  config = copy.deepcopy(config_lib.base())
   config.batch_size, config.num_models = batch, models
   if kind == 'tpu':
-    (record,) = export.compile_tpu(config, accelerators.parse_tpu(target), False,
+    (record,) = compile_check.compile_tpu(config, targets.parse_tpu(target), False,
                                    ('train_chunk',), log=lambda _: None)
   else:
-    (record,) = export.compile_gpu(config, accelerators.GPUS[target], 1, False, ('train_chunk',),
+    (record,) = compile_check.compile_gpu(config, targets.GPUS[target], 1, False, ('train_chunk',),
                                    log=lambda _: None)
   seconds = record['estimated_seconds']
   steps = 1 / seconds if seconds else None  # None: the cost model gave no estimate.
@@ -136,14 +136,14 @@ def run(kind: str, targets: list[str], out_dir: str = REPORTS, log=print) -> dic
   """Estimates every case on every target and writes <kind>-estimate.md and .json."""
   measured, source = cpu_measured()
   rows = []
-  with export.native_stderr(show=False):  # libtpu's warnings that this machine has no TPU.
+  with compile_check.native_stderr(show=False):  # libtpu's warnings that this machine has no TPU.
     for target in targets:
       for batch, models in cases():
         rows.append(estimate(kind, target, batch, models))
         log(f'estimate: {target} batch {batch} models {models}: '
             f'{rows[-1]["estimated_seconds"]} s per step')
   report = {'title': f'Training speed: {WHAT[kind][0]}', 'kind': kind, 'targets': targets,
-            'what': WHAT[kind][1], 'compiler': export.compiler_versions(kind),
+            'what': WHAT[kind][1], 'compiler': compile_check.compiler_versions(kind),
             'command': 'python -m benchmarks.estimate ' + ' '.join(sys.argv[1:]),
             'machine': f'{os.cpu_count()}-core {platform.machine()} CPU machine',
             'cpu_source': source, 'cpu_measured': [[list(k), v] for k, v in measured.items()],
@@ -165,7 +165,7 @@ def main(argv=None):
   group.add_argument('--gpu', help='GPUs, e.g. t4,h100')
   parser.add_argument('--out', default=REPORTS, help='Folder for the reports.')
   args = parser.parse_args(argv)
-  export.compile_env(gpu=bool(args.gpu))  # Before JAX starts.
+  compile_check.compile_env(gpu=bool(args.gpu))  # Before JAX starts.
   with exit_on_user_error():
     kind = 'tpu' if args.tpu else 'gpu'
     run(kind, [t.strip() for t in (args.tpu or args.gpu).split(',') if t.strip()], args.out)

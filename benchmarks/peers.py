@@ -38,8 +38,8 @@ CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 def base_config():
   """configs/base.py's config, loaded by path (works whether or not configs/ is a package)."""
   try:
-    from fmnist_jax import config_files  # pylint: disable=g-import-not-at-top
-    return config_files.load(CONFIG_FILE)
+    from fmnist_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    return config_lib.load(CONFIG_FILE)
   except ImportError:
     import importlib.util  # pylint: disable=g-import-not-at-top
     spec = importlib.util.spec_from_file_location('fmnist_jax_bench_base_config', CONFIG_FILE)
@@ -66,7 +66,7 @@ def run_fmnist_jax(mode, batch_size, epochs, num_models=1):
   config.tensorboard = False
   if 'compile_cache_dir' in config:
     config.compile_cache_dir = ''  # Every process compiles: throughput runs measure the same work.
-  from fmnist_jax import outputs  # pylint: disable=g-import-not-at-top
+  from fmnist_jax.run import outputs  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as workdir:
     summary = loop.train_and_evaluate(config, workdir)
     history = outputs.read_metrics(workdir)

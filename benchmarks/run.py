@@ -185,7 +185,7 @@ class UserCommands:
     if isinstance(out, dict):
       return out
     _, wall = out
-    from fmnist_jax import outputs  # pylint: disable=g-import-not-at-top  (no JAX)
+    from fmnist_jax.run import outputs  # pylint: disable=g-import-not-at-top  (no JAX)
     from fmnist_jax.errors import UserError  # pylint: disable=g-import-not-at-top
     try:
       summary, history = outputs.read_summary(workdir), outputs.read_metrics(workdir)

@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.seed = 0  # Seeds parameter init, data order and everything random.
 
-  # Data (fmnist_jax/data.py).
+  # Data (fmnist_jax/data/).
   config.data = ml_collections.ConfigDict()
   config.data.data_dir = ''  # tfds data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
   # Folder with the four IDX .gz files for offline preparation; '' = $FMNIST_JAX_MANUAL_DIR, then
@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_models = 1  # >1 trains that many independent models at once with jax.vmap.
   config.learning_rates = ()  # With num_models > 1: one learning rate per model; () = all equal.
 
-  # Checkpoints, resume and outputs (fmnist_jax/checkpoint.py).
+  # Checkpoints, resume and outputs (fmnist_jax/run/checkpoint.py).
   config.checkpoint_every_steps = 0  # 0 = at the end of every epoch.
   config.max_checkpoints_to_keep = 2
   config.tensorboard = True  # Write TensorBoard event files to the workdir.

@@ -5,11 +5,11 @@
 Expected result: test accuracy above 0.80 after one epoch.
 """
 
-from fmnist_jax import config_files
+from fmnist_jax import config as config_lib
 
 
 def get_config():
-  config = config_files.load('base.py', relative_to=__file__)
+  config = config_lib.load('base.py', relative_to=__file__)
   config.num_epochs = 1
   config.batch_size = 64
   config.hidden_sizes = (96,)

@@ -171,15 +171,6 @@ def batch_sharded(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
 
 
-def check_divisible(global_batch: int, what: str = 'batch_size') -> None:
-  """The global batch must split evenly over the devices; says which sizes work if not."""
-  n = jax.device_count()
-  if global_batch % n:
-    lower = max(n, global_batch // n * n)
-    raise UserError(f'{what}={global_batch} does not divide over {n} devices; use a multiple '
-                    f'of {n}, e.g. --config.{what}={lower} or {lower + n}.')
-
-
 def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """A global array from a host array that every process holds in full (works multi-host)."""
   array = np.asarray(array)

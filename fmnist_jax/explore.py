@@ -15,9 +15,9 @@ from ml_collections import config_flags
 
 from fmnist_jax import CLASS_NAMES
 from fmnist_jax import cli
-from fmnist_jax import config_files
+from fmnist_jax import config as config_lib
 from fmnist_jax import data
-from fmnist_jax import workdir as workdir_lib
+from fmnist_jax.run import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config whose data fields to use; default: the workdir\'s config.json, '
@@ -63,7 +63,7 @@ def data_config(workdir: str, config=None):
   """The data fields: `config`'s, else the workdir's config.json, else configs/base.py's."""
   if config is not None:
     return config.data
-  defaults = config_files.base().data
+  defaults = config_lib.base().data
   path = workdir_lib.path(workdir, workdir_lib.CONFIG)
   if not os.path.isfile(path):
     return defaults

@@ -13,11 +13,11 @@ import ml_collections
 import numpy as np
 
 from fmnist_jax import CLASS_NAMES, NUM_CLASSES
-from fmnist_jax import checkpoint
+from fmnist_jax.run import checkpoint
 from fmnist_jax import steps as steps_lib
-from fmnist_jax import workdir as workdir_lib
+from fmnist_jax.run import workdir as workdir_lib
 from fmnist_jax.errors import UserError
-from fmnist_jax.validate import validate_config
+from fmnist_jax.config import validate_config
 
 
 def how_to_train(workdir: str) -> str:

@@ -19,21 +19,19 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from fmnist_jax import checkpoint as checkpoint_lib
+from fmnist_jax import config as config_lib
 from fmnist_jax import data as data_lib
 from fmnist_jax import distributed
-from fmnist_jax import fields
 from fmnist_jax import metrics
-from fmnist_jax import outputs as outputs_lib
-from fmnist_jax import prefetch
 from fmnist_jax import programs as programs_lib
 from fmnist_jax import steps as steps_lib
-from fmnist_jax import timing
-from fmnist_jax import validate
-from fmnist_jax import workdir as workdir_lib
+from fmnist_jax.data import batches
 from fmnist_jax.errors import DivergenceError
 from fmnist_jax.plan import RunPlan
-from fmnist_jax.signals import StopSignals
+from fmnist_jax.run import checkpoint as checkpoint_lib
+from fmnist_jax.run import outputs as outputs_lib
+from fmnist_jax.run import workdir as workdir_lib
+from fmnist_jax.run.signals import StopSignals
 
 
 def train_and_evaluate(config, workdir: str, fresh: bool = False) -> dict:
@@ -50,9 +48,9 @@ def train_and_evaluate(config, workdir: str, fresh: bool = False) -> dict:
     DivergenceError: for a non-finite loss or gradient.
     Interrupted: after SIGTERM / SIGINT on any process, once a checkpoint is saved.
   """
-  validate.validate_config(config)
+  config_lib.validate_config(config)
   distributed.initialize(config.distributed)
-  validate.check_sizes(config, validate.device_memory_bytes())  # Before any file is written.
+  config_lib.check_sizes(config, config_lib.device_memory_bytes())  # Before any file is written.
   workdir = workdir_lib.prepare(workdir, fresh=fresh)
   programs_lib.use_compile_cache(config.compile_cache_dir)
   with distributed.one_writer(workdir_lib.Lock(workdir)), workdir_lib.storage_errors(workdir):
@@ -84,17 +82,17 @@ class Run:
 def fingerprint(config) -> dict:
   """What a checkpoint must match to be resumed: the fields that shape the numbers and the device
   layout (another device or process count changes the order of the sums, hence the numbers)."""
-  return {**fields.resume_fingerprint(config), 'devices': jax.device_count(),
+  return {**config_lib.resume_fingerprint(config), 'devices': jax.device_count(),
           'processes': jax.process_count()}
 
 
 def _run(config, workdir: str) -> dict:
-  started = timing.process_start_time()
+  started = outputs_lib.process_start_time()
   main = distributed.is_main_process()
   data_start = time.perf_counter()
   arrays = _load_data(config, main)
   data_seconds = time.perf_counter() - data_start
-  distributed.check_divisible(config.batch_size)
+  config_lib.check_divisible(config.batch_size, jax.device_count())
   plan = RunPlan.create(config, len(arrays['train']['label']), len(arrays['test']['label']),
                         jax.device_count())
   mesh = distributed.make_mesh()
@@ -143,7 +141,7 @@ def _train(run: Run, state, history: list[dict], arrays, times: dict) -> dict:
   config, plan = run.config, run.plan
   test = test_batches(run, arrays['test'])
   chunks = (device_chunks(run, arrays['train']) if config.input_mode == 'device'
-            else host_chunks(run))
+            else host_chunks(run, arrays['train']))
   train_seconds = eval_seconds = 0.0
   steps_run = plan.total_steps - int(state.step)
   first_step_at = time.time()
@@ -195,20 +193,20 @@ def device_chunks(run: Run, train) -> ChunkSource:
   return chunks
 
 
-def host_chunks(run: Run) -> ChunkSource:
-  """The stream and tfds modes: [K, B, ...] chunks from the host, each process reading its rows
-  of every global batch, put on the devices by a background thread."""
+def host_chunks(run: Run, train) -> ChunkSource:
+  """The stream and tfds modes: [K, B, ...] chunks from the host (`train`'s arrays, or tf.data),
+  each process reading its rows of every global batch, put on the devices by a background thread."""
   config, plan = run.config, run.plan
-  stream = (data_lib.HostStream if config.input_mode == 'stream' else data_lib.TfdsStream)(
-      config.data, 'train')
+  stream = (batches.HostStream(train) if config.input_mode == 'stream'
+            else batches.TfdsStream(config.data, 'train'))
   sharding = distributed.batch_sharded(run.mesh, 1)
 
   def chunks(state, epoch, done):
     del state
     host = stream.chunks(config.batch_size, plan.stream_chunk_steps,
-                         shuffle_seed=data_lib.epoch_seed(config.seed, epoch), skip_batches=done,
+                         shuffle_seed=batches.epoch_seed(config.seed, epoch), skip_batches=done,
                          process_index=jax.process_index(), process_count=jax.process_count())
-    yield from prefetch.background(
+    yield from batches.background(
         (distributed.put_local_batch(chunk, sharding), 0, n) for chunk, n in host)
   return chunks
 
@@ -283,7 +281,7 @@ def check_finite(run: Run, state) -> None:
 def test_batches(run: Run, test) -> dict:
   """The test set as padded batches [S, B, ...] on the devices, split over the data axis."""
   plan = run.plan
-  padded = data_lib.pad_batch(test, plan.test_batches * plan.eval_batch_size)
+  padded = batches.pad_batch(test, plan.test_batches * plan.eval_batch_size)
   sharding = distributed.batch_sharded(run.mesh, 1)
   return {k: distributed.put(v.reshape((-1, plan.eval_batch_size) + v.shape[1:]), sharding)
           for k, v in padded.items()}

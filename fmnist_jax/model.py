@@ -32,7 +32,7 @@ class MLP(nnx.Module):
 
 
 def _build(config, seed: int) -> MLP:
-  """The configured model (validated by fmnist_jax.validate)."""
+  """The configured model (validated by fmnist_jax.config)."""
   return MLP(tuple(config.hidden_sizes), config.num_classes, rngs=nnx.Rngs(seed))
 
 

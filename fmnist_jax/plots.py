@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fmnist_jax import CLASS_NAMES
-from fmnist_jax import workdir as workdir_lib
+from fmnist_jax.run import workdir as workdir_lib
 from fmnist_jax.errors import UserError
 
 RIGHT, WRONG, NEUTRAL = 'tab:blue', 'tab:red', '#777777'

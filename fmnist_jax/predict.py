@@ -22,8 +22,8 @@ from absl import flags
 from fmnist_jax import CLASS_NAMES
 from fmnist_jax import cli
 from fmnist_jax import data
-from fmnist_jax import images as images_lib
-from fmnist_jax import workdir as workdir_lib
+from fmnist_jax.photos import images as images_lib
+from fmnist_jax.run import workdir as workdir_lib
 from fmnist_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/base', 'A workdir written by fmnist_jax.train.')
@@ -143,7 +143,7 @@ def classify_files(workdir: str, paths: list[str], as_json: bool = False,
 def robustness_report(workdir: str, num_images: int = 300, figures_dir: str | None = '',
                       as_json: bool = False) -> dict:
   """Accuracy on test images turned into photos, per family, beside the untouched accuracy."""
-  from fmnist_jax import robustness  # pylint: disable=g-import-not-at-top
+  from fmnist_jax.photos import robustness  # pylint: disable=g-import-not-at-top
   from fmnist_jax import inference  # pylint: disable=g-import-not-at-top  (JAX)
   config, graphdef, params = inference.load_trained(workdir)
   test = data.load(config.data)['test']

@@ -13,7 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from fmnist_jax import cli
-from fmnist_jax import workdir as workdir_lib
+from fmnist_jax.run import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file, e.g. configs/base.py; override fields with '

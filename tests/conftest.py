@@ -7,14 +7,16 @@ import sys
 
 import pytest
 
-from fmnist_jax import config_files, data, idx
+from fmnist_jax import data
+from fmnist_jax import config as config_lib
+from fmnist_jax.data import idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_test_config():
   """configs/test.py, loaded by path as --config loads it."""
-  return config_files.load(os.path.join(ROOT, 'configs', 'test.py'))
+  return config_lib.load(os.path.join(ROOT, 'configs', 'test.py'))
 
 
 def _source_dir():
@@ -99,7 +101,8 @@ def run_cli(*args, env=None, timeout=600, cwd=ROOT):
 
 def restore_state(config, workdir):
   """(TrainState, record) of the newest readable checkpoint in `workdir`."""
-  from fmnist_jax import checkpoint, steps
+  from fmnist_jax import steps
+  from fmnist_jax.run import checkpoint
   _, template = steps.init_state(config)
   ckpt = checkpoint.Checkpointer(str(workdir), read_only=True)
   try:

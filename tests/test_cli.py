@@ -5,8 +5,7 @@ import os
 
 import pytest
 
-from fmnist_jax import config_files
-from fmnist_jax import validate
+from fmnist_jax import config as config_lib
 from fmnist_jax.errors import UserError
 from tests.conftest import ROOT, run_cli
 
@@ -96,20 +95,20 @@ def test_divergence_exit_code(data_dir, tmp_path):
     ('eval_batch_size', 0, 'eval_batch_size=0'),
 ])
 def test_validate_config(field, value, message):
-  config = config_files.base()
+  config = config_lib.base()
   config[field] = value
   with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')):
-    validate.validate_config(config)
+    config_lib.validate_config(config)
 
 
 def test_learning_rates_must_match_num_models():
-  config = config_files.base()
+  config = config_lib.base()
   config.num_models = 3
   config.learning_rates = (1e-3, 2e-3)
   with pytest.raises(UserError, match='learning_rates has 2 values for num_models=3'):
-    validate.validate_config(config)
+    config_lib.validate_config(config)
   config.learning_rates = (1e-3, 2e-3, 3e-3)
-  validate.validate_config(config)
+  config_lib.validate_config(config)
 
 
 def _broken_manual_dir(folder, source_dir, problem):
@@ -117,7 +116,7 @@ def _broken_manual_dir(folder, source_dir, problem):
   import gzip
   import shutil
   import numpy as np
-  from fmnist_jax import idx
+  from fmnist_jax.data import idx
   shutil.copytree(source_dir, folder)
   images_name, labels_name, _ = idx.FILES['test']
   images, labels = idx.load_split(source_dir, 'test')
@@ -153,8 +152,8 @@ def test_bad_data_files_are_one_line(problem, message, source_dir, tmp_path):
 
 
 def test_default_workdir_names_what_differs_from_the_config_file():
-  from fmnist_jax import workdir as workdir_lib
-  config = config_files.base()
+  from fmnist_jax.run import workdir as workdir_lib
+  config = config_lib.base()
   config.input_mode = 'tfds'
   config.hidden_sizes = (256, 128)
   config.num_epochs = 4
@@ -163,16 +162,16 @@ def test_default_workdir_names_what_differs_from_the_config_file():
   config.checkpoint_every_steps = 100
   assert workdir_lib.default_for_config('configs/base.py', config, 1, 1) == (
       'workdirs/base,hidden_sizes=256_128,input_mode=tfds,num_epochs=4')
-  same = config_files.base()
+  same = config_lib.base()
   same.learning_rate = float('1e-3')  # Equal to the file's 0.001, however it is spelt.
   assert workdir_lib.default_for_config('configs/base.py', same, 1, 1) == 'workdirs/base'
-  assert workdir_lib.default_for_config('configs/test.py', config_files.load(
+  assert workdir_lib.default_for_config('configs/test.py', config_lib.load(
       'configs/test.py'), 8, 2) == 'workdirs/test,8devices,2processes'
 
 
 def test_every_config_field_has_a_role():
-  from fmnist_jax import fields
-  assert set(fields.flat(config_files.base())) == set(fields.ROLES)
+  from fmnist_jax import config as config_lib
+  assert set(config_lib.flat(config_lib.base())) == set(config_lib.ROLES)
 
 
 def test_equal_overrides_share_one_workdir(data_dir, tmp_path):

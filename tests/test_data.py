@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import load_test_config, ROOT
 
-from fmnist_jax import CLASS_NAMES, data, idx
+from fmnist_jax import CLASS_NAMES, data
+from fmnist_jax.data import batches, idx
 
 
 def _config(data_dir, manual_dir=''):
@@ -214,13 +215,13 @@ def test_unwritable_data_dir(tmp_path):
 
 @pytest.fixture(scope='module')
 def tfds_stream(data_dir):
-  return data.TfdsStream(_config(data_dir), 'test')
+  return batches.TfdsStream(_config(data_dir), 'test')
 
 
 @pytest.mark.parametrize('kind', ['tfds', 'host'])
 def test_stream_chunks_pad_and_cover_every_example(kind, config, tfds_stream):
   """Chunks [K, B, ...] of padded batches: every example once, the last chunk's padding zeros."""
-  stream = tfds_stream if kind == 'tfds' else data.HostStream(config.data, 'test')
+  stream = tfds_stream if kind == 'tfds' else batches.HostStream(data.load(config.data)['test'])
   chunks = list(stream.chunks(768, 5, shuffle_seed=3))  # 14 batches: chunks of 5, 5, 4.
   assert [n for _, n in chunks] == [5, 5, 4]
   for chunk, _ in chunks:
@@ -242,7 +243,7 @@ def test_stream_chunks_pad_and_cover_every_example(kind, config, tfds_stream):
 @pytest.mark.parametrize('kind', ['tfds', 'host'])
 def test_stream_chunks_replay_resume_and_split(kind, config, tfds_stream):
   """Seeded order; skip_batches resumes inside a pass; processes split each global batch."""
-  stream = tfds_stream if kind == 'tfds' else data.HostStream(config.data, 'test')
+  stream = tfds_stream if kind == 'tfds' else batches.HostStream(data.load(config.data)['test'])
   chunks = lambda **kw: list(stream.chunks(768, 5, **kw))
   first = chunks(shuffle_seed=3)
   np.testing.assert_array_equal(chunks(shuffle_seed=3)[0][0]['label'], first[0][0]['label'])
@@ -267,7 +268,7 @@ def test_tfds_order_is_the_shuffle_buffer_order(config, tfds_stream):
   labels = builder.as_dataset(split='test', shuffle_files=False).map(lambda ex: ex['label'])
   for buffer in (10_000, 100):
     config.data.shuffle_buffer = buffer
-    stream = data.TfdsStream(config.data, 'test')
+    stream = batches.TfdsStream(config.data, 'test')
     chunk, _ = next(stream.chunks(768, 2, shuffle_seed=5))
     shuffled = labels.shuffle(buffer, seed=5, reshuffle_each_iteration=False)
     expected = np.fromiter(shuffled.take(2 * 768).as_numpy_iterator(), np.int64)

@@ -118,14 +118,16 @@ def test_the_export_lowers_what_the_trainer_compiles(overrides):
   the base config, bf16, 8 vmapped models, on 1 and 8 devices (simulated, in a subprocess)."""
   code = textwrap.dedent(f'''
       import jax, numpy as np
-      from fmnist_jax import config_files, export, programs, NUM_TEST, NUM_TRAIN
+      from fmnist_jax import programs, NUM_TEST, NUM_TRAIN
+      from fmnist_jax.hardware import lowering
+      from fmnist_jax import config as config_lib
       from fmnist_jax.plan import RunPlan
-      config = config_files.base()
+      config = config_lib.base()
       config.update({overrides!r})
       for n in (1, 8):
         mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:n]), ('data',))
         trainer = programs.programs(config, mesh, RunPlan.create(config, NUM_TRAIN, NUM_TEST, n))
-        exported = export.training_programs(config, mesh)
+        exported = lowering.training_programs(config, mesh)
         assert set(exported) == {{'train_chunk', 'shuffle', 'evaluate'}}
         for name, program in exported.items():
           assert program.lower().as_text() == trainer[name].lower().as_text(), name
@@ -183,73 +185,74 @@ def test_no_cuda_plugin_names_the_install():
 
 
 def test_tpu_topologies_parse_into_chips_devices_and_hosts():
-  from fmnist_jax import accelerators
-  colab = accelerators.parse_tpu('v5e:1x1')
+  from fmnist_jax.hardware import targets
+  colab = targets.parse_tpu('v5e:1x1')
   assert (colab.chips, colab.devices, colab.chips_per_host_bounds) == (1, 1, (1, 1, 1))
   assert colab.info.hbm_bytes == 16 * 2**30 and colab.info.device_kind == 'TPU v5 lite'
-  assert accelerators.parse_tpu('v5e:2x4').chips_per_host_bounds == (2, 4, 1)  # One v5e-8 host.
-  assert accelerators.parse_tpu('v6e:4x4').chips_per_host_bounds == (2, 2, 1)  # 4 hosts.
-  v3 = accelerators.parse_tpu('V3:2x2')
+  assert targets.parse_tpu('v5e:2x4').chips_per_host_bounds == (2, 4, 1)  # One v5e-8 host.
+  assert targets.parse_tpu('v6e:4x4').chips_per_host_bounds == (2, 2, 1)  # 4 hosts.
+  v3 = targets.parse_tpu('V3:2x2')
   assert (v3.chips, v3.devices, v3.info.hbm_bytes) == (4, 8, 16 * 2**30)  # 32 GiB per 2 cores.
-  assert accelerators.parse_tpu('v4:2x2x1').chips_per_host_bounds == (2, 2, 1)
+  assert targets.parse_tpu('v4:2x2x1').chips_per_host_bounds == (2, 2, 1)
 
 
 def test_gpu_specs_parse_and_match_the_vendors_numbers():
-  from fmnist_jax import accelerators, hardware
-  spec = accelerators.parse_gpu_spec(accelerators.GPUS['t4'].target_config)
+  from fmnist_jax.hardware import targets
+  spec = targets.parse_gpu_spec(targets.GPUS['t4'].target_config)
   assert spec['core_count'] == 40 and spec['memory_bandwidth'] == 320e9
   assert spec['major'] == 7 and spec['minor'] == 5 and spec['clock_rate_ghz'] == 1.59
   assert spec['device_description_str'] == 'Tesla T4'
   # Memory CUDA reports, below the nominal sizes: T4 16, L4 24, A100 40/80, H100 80, H200 141 GB.
   nominal = {'t4': 16, 'l4': 24, 'a100': 40, 'a100-80': 80, 'h100': 80, 'h200': 141}
-  for name, gpu in accelerators.GPUS.items():
+  for name, gpu in targets.GPUS.items():
     assert 0.9 * nominal[name] * 1e9 < gpu.memory_bytes <= nominal[name] * 2**30, name
-    assert hardware.peak_flops(gpu.device_kind, 'float32'), name  # Every GPU has a roofline.
+    assert targets.peak_flops(gpu.device_kind, 'float32'), name  # Every GPU has a roofline.
     assert gpu.spec['platform_name'] == 'CUDA' and gpu.machine_sizes[0] == 1
-  h100 = accelerators.GPUS['h100'].spec
+  h100 = targets.GPUS['h100'].spec
   assert (h100['memory_bandwidth'], h100['major'], h100['core_count']) == (3352320000000, 9, 132)
-  assert accelerators.parse_gpus(['T4', ' h100']) == [accelerators.GPUS['t4'],
-                                                     accelerators.GPUS['h100']]
+  assert targets.parse_gpus(['T4', ' h100']) == [targets.GPUS['t4'],
+                                                     targets.GPUS['h100']]
 
 
 def test_roofline_is_the_slower_of_arithmetic_and_memory_traffic():
-  from fmnist_jax import accelerators
-  assert accelerators.roofline_seconds(2e12, 1e9, 1e12, 1e12) == 2.0  # Compute bound.
-  assert accelerators.roofline_seconds(1e9, 3e12, 1e12, 1e12) == 3.0  # Memory bound.
+  from fmnist_jax.hardware import targets
+  assert targets.roofline_seconds(2e12, 1e9, 1e12, 1e12) == 2.0  # Compute bound.
+  assert targets.roofline_seconds(1e9, 3e12, 1e12, 1e12) == 3.0  # Memory bound.
   # One train step at batch 32 on a T4 in float32: 1.45e7 flops at 8.1 TFLOP/s take 1.8 us,
   # 9.9 MB at 320 GB/s take 31 us: memory bound.
-  t4 = accelerators.GPUS['t4']
-  assert accelerators.gpu_roofline(t4, 'float32', 1.45e7, 9.9e6) == pytest.approx(9.9e6 / 320e9)
-  assert accelerators.gpu_roofline(t4, 'float32', 8.1e12, 0) == pytest.approx(1.0)
+  t4 = targets.GPUS['t4']
+  assert targets.gpu_roofline(t4, 'float32', 1.45e7, 9.9e6) == pytest.approx(9.9e6 / 320e9)
+  assert targets.gpu_roofline(t4, 'float32', 8.1e12, 0) == pytest.approx(1.0)
 
 
 def test_a_program_that_does_not_fit_is_named_in_one_line():
-  from fmnist_jax import accelerators
+  from fmnist_jax.hardware import targets
   from fmnist_jax.errors import UserError
   gib = 2**30
   fits = {'topology': 'v5e:1x1', 'program': 'evaluate',
           'memory_bytes': {'argument': gib, 'output': 0, 'temp': 2 * gib, 'generated_code': 0}}
   big = dict(fits, program='train_chunk', memory_bytes=dict(fits['memory_bytes'], temp=16 * gib))
-  accelerators.check_memory([fits], lambda r: 16 * gib)
+  targets.check_memory([fits], lambda r: 16 * gib)
   with pytest.raises(UserError) as error:
-    accelerators.check_memory([fits, big], lambda r: 16 * gib)
+    targets.check_memory([fits, big], lambda r: 16 * gib)
   assert str(error.value) == ('does not fit: train_chunk on v5e:1x1 needs 17.00 GiB of 16.00 GiB '
                               'per device; use a smaller batch_size or eval_batch_size, fewer '
                               'num_models, or more chips.')
 
 
 def test_table_names_estimates_and_shares_of_memory():
-  from fmnist_jax import accelerators, export
+  from fmnist_jax.hardware import compile_check
+  from fmnist_jax.hardware import targets
   record = {'topology': 't4', 'devices': 1, 'program': 'train_step', 'compile_seconds': 1.5,
             'memory_bytes': {'argument': 2**28, 'output': 2**28, 'temp': 2**29,
                              'generated_code': 0},
             'flops': 1.45e7, 'bytes_accessed': 9.9e6, 'estimated_seconds': 3.1e-5, 'steps': 1}
-  table = export.format_table([record], 'gpu', lambda r: accelerators.GPUS['t4'].memory_bytes)
+  table = compile_check.format_table([record], 'gpu', lambda r: targets.GPUS['t4'].memory_bytes)
   assert 'roofline bounds' in table and 'not measurements' in table
   row = table.splitlines()[2].split()
   assert row[:4] == ['t4', '1', 'train_step', '1.5']
   assert '1,024.0 MiB' in table and '6.78%' in table and '14.50' in table and '31.0 us' in table
-  tpu = export.format_table([dict(record, topology='v5e:1x1')], 'tpu', export.tpu_capacity)
+  tpu = compile_check.format_table([dict(record, topology='v5e:1x1')], 'tpu', compile_check.tpu_capacity)
   assert "XLA:TPU's cost model, not measurements" in tpu and '6.25%' in tpu
 
 
@@ -257,16 +260,18 @@ def test_the_chunks_cost_covers_one_step():
   """steps_covered's claim, checked on the CPU compiler: XLA counts the chunk's loop body, one
   train step and its batch's gather, once."""
   import jax
-  from fmnist_jax import config_files, export, model, programs, steps as steps_lib
-  config = config_files.base()
+  from fmnist_jax import model, programs, steps as steps_lib
+  from fmnist_jax.hardware import compile_check, lowering
+  from fmnist_jax import config as config_lib
+  config = config_lib.base()
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
-  (chunk_program,) = export.compiled_programs(config, mesh, names=('train_chunk',)).values()
+  (chunk_program,) = lowering.dataset_programs(config, mesh, names=('train_chunk',)).values()
   chunk = programs.cost(chunk_program.lower().compile())['flops']
   state, data = chunk_program.args[:2]
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), data)
   one_step = jax.jit(steps_lib.make_steps(config, model.graphdef(config)).train_step)
   step = programs.cost(one_step.lower(state, batch).compile())['flops']
-  assert export.steps_covered('train_chunk') == 1
+  assert compile_check.steps_covered('train_chunk') == 1
   assert step <= chunk < step * 1.1
   # The analytic count: 2 flops per multiply-add forward and as many for the weights' gradients
   assert step == pytest.approx(4 * 101_770 * config.batch_size, rel=0.15)
@@ -275,27 +280,31 @@ def test_the_chunks_cost_covers_one_step():
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI runs "
                     '.ci/compile_check.sh')
 def test_xla_tpu_compiles_a_train_step_within_memory():
-  from fmnist_jax import accelerators, config_files, export
-  config = config_files.base()
-  records = export.compile_tpu(config, accelerators.parse_tpu('v5e:1x1'), names=('train_chunk',
+  from fmnist_jax.hardware import compile_check
+  from fmnist_jax.hardware import targets
+  from fmnist_jax import config as config_lib
+  config = config_lib.base()
+  records = compile_check.compile_tpu(config, targets.parse_tpu('v5e:1x1'), names=('train_chunk',
                                                                                 'predict'))
   step = records[0]
   assert set(step) == {'topology', 'devices', 'program', 'compile_seconds', 'memory_bytes',
                        'flops', 'bytes_accessed', 'estimated_seconds', 'steps'}
   assert (step['program'], step['devices'], step['steps']) == ('train_chunk', 1, 1)
   assert step['flops'] == pytest.approx(1.3e7, rel=0.2) and 0 < step['estimated_seconds'] < 1e-3
-  accelerators.check_memory(records, export.tpu_capacity)
+  targets.check_memory(records, compile_check.tpu_capacity)
 
 
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax's CUDA plugin (pip install -e "
                     "'.[cuda12]'); CI runs .ci/compile_check.sh")
 def test_xla_gpu_compiles_a_train_step_with_a_roofline_bound():
-  from fmnist_jax import accelerators, config_files, export
-  config = config_files.base()
-  (step,) = export.compile_gpu(config, accelerators.GPUS['t4'], 1, names=('train_chunk',))
+  from fmnist_jax.hardware import compile_check
+  from fmnist_jax.hardware import targets
+  from fmnist_jax import config as config_lib
+  config = config_lib.base()
+  (step,) = compile_check.compile_gpu(config, targets.GPUS['t4'], 1, names=('train_chunk',))
   assert step['flops'] == pytest.approx(1.3e7, rel=0.2)
   assert step['estimated_seconds'] == pytest.approx(step['bytes_accessed'] / 320e9)
-  accelerators.check_memory([step], export.gpu_capacity)
+  targets.check_memory([step], compile_check.gpu_capacity)
 
 
 @pytest.mark.parametrize('kind', ['tpu', 'gpu'])
@@ -320,8 +329,8 @@ def test_estimate_reports_call_their_numbers_estimates(kind):
 @pytest.mark.parametrize('show', [False, True])
 def test_native_stderr_is_held_back_unless_shown(capfd, show):
   """What libtpu writes to file descriptor 2 appears only with --verbosity=0 or more."""
-  from fmnist_jax import export
-  with export.native_stderr(show):
+  from fmnist_jax.hardware import compile_check
+  with compile_check.native_stderr(show):
     os.write(2, b'W libtpu: no TPU here\n')
   assert capfd.readouterr().err == ('W libtpu: no TPU here\n' if show else '')
 
@@ -344,7 +353,8 @@ def test_xla_tpu_command_is_quiet_and_writes_its_records(tmp_path):
 
 def test_a_program_the_compiler_refuses_for_memory_is_named_in_one_line():
   """XLA:TPU itself refuses a program larger than the chip's memory (RESOURCE_EXHAUSTED)."""
-  from fmnist_jax import accelerators, export
+  from fmnist_jax.hardware import compile_check
+  from fmnist_jax.hardware import targets
   from fmnist_jax.errors import UserError
 
   class Refused:
@@ -355,15 +365,15 @@ def test_a_program_the_compiler_refuses_for_memory_is_named_in_one_line():
       raise RuntimeError('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required '
                          'for HLO temporaries (39.71G) exceeds available HBM (15.75G).')
   with pytest.raises(UserError) as error:
-    export._compile(Refused(), 'evaluate', 'v5e:1x1')
+    compile_check._compile(Refused(), 'evaluate', 'v5e:1x1')
   assert str(error.value) == (
       'does not fit: evaluate on v5e:1x1: Ran out of memory on HBM, the total memory required for '
-      f'HLO temporaries (39.71G) exceeds available HBM (15.75G); {accelerators.FIT_HINT}')
+      f'HLO temporaries (39.71G) exceeds available HBM (15.75G); {targets.FIT_HINT}')
   gib = 2**30
   big = {'topology': 'h100', 'devices': 8, 'program': 'predict',
          'memory_bytes': {'argument': 90 * gib, 'output': 0, 'temp': 0, 'generated_code': 0}}
   with pytest.raises(UserError, match=r'^does not fit: predict on 8 x h100 needs 90.00 GiB of '):
-    accelerators.check_memory([big], export.gpu_capacity)
+    targets.check_memory([big], compile_check.gpu_capacity)
 
 
 def _old_libtpu() -> bool:
@@ -391,7 +401,8 @@ def test_xla_tpu_refusal_of_a_program_too_large_is_one_line(tmp_path):
                                       'v5e:2x4', 'v5e:4x4', 'v5p:2x2x1', 'v6e:1x1', 'v6e:2x4'])
 def test_xla_tpu_topologies_have_the_devices_jax_shows_on_cloud_tpus(topology):
   """v2 and v3 show each core (v3-8: 8 devices), v4 and v5p one "megacore" per chip (v4-8: 4)."""
-  from fmnist_jax import accelerators, export
-  target = accelerators.parse_tpu(topology)
-  devices = export.tpu_devices(target)
+  from fmnist_jax.hardware import compile_check
+  from fmnist_jax.hardware import targets
+  target = targets.parse_tpu(topology)
+  devices = compile_check.tpu_devices(target)
   assert len(devices) == target.devices and devices[0].device_kind == target.info.device_kind

@@ -22,11 +22,10 @@ import time
 
 import pytest
 
-from fmnist_jax import config_files
-from fmnist_jax import validate
-from fmnist_jax import workdir as workdir_lib
+from fmnist_jax import config as config_lib
+from fmnist_jax.run import workdir as workdir_lib
 from fmnist_jax.errors import UserError
-from fmnist_jax.workdir import WorkdirError
+from fmnist_jax.run.workdir import WorkdirError
 from tests.conftest import ROOT, load_test_config, run_cli
 
 
@@ -606,7 +605,7 @@ def test_cli_fresh_starts_over_and_clears_the_previous_run(data_dir, tmp_path):
 @pytest.mark.parametrize('field, value, expected', [
     ('seed', 100000000000000000000000, 'seed=100000000000000000000000 must be an integer from 0'),
     ('seed', -1, 'seed=-1 must be an integer from 0'),
-    ('seed', validate.SEED_LIMIT, f'seed={validate.SEED_LIMIT} must be'),
+    ('seed', config_lib.SEED_LIMIT, f'seed={config_lib.SEED_LIMIT} must be'),
     ('learning_rate', float('nan'), 'learning_rate=nan must be a finite number above 0'),
     ('learning_rate', float('inf'), 'learning_rate=inf must be a finite number above 0'),
     ('learning_rate', -1e-3, 'learning_rate=-0.001 must be'),
@@ -618,46 +617,46 @@ def test_cli_fresh_starts_over_and_clears_the_previous_run(data_dir, tmp_path):
     ('eps', float('nan'), 'eps=nan must be'),
 ])
 def test_bad_seeds_and_optimizer_numbers_name_their_field(field, value, expected):
-  config = config_files.base()
+  config = config_lib.base()
   config[field] = value
   with pytest.raises(UserError) as raised:
-    validate.validate_config(config)
+    config_lib.validate_config(config)
   assert str(raised.value).startswith(expected), str(raised.value)
-  assert f'--config.{field}={config_files.base()[field]!r}' in str(raised.value)
+  assert f'--config.{field}={config_lib.base()[field]!r}' in str(raised.value)
 
 
 def test_each_learning_rate_is_checked():
-  config = config_files.base()
+  config = config_lib.base()
   config.num_models = 3
   config.learning_rates = (1e-3, float('nan'), 2e-3)
   with pytest.raises(UserError, match=r'^learning_rates\[1\]=nan must be a finite number'):
-    validate.validate_config(config)
+    config_lib.validate_config(config)
 
 
 def test_the_largest_seed_accepted_initialises_the_run():
   """The limit is JAX's: the largest seed validate accepts initialises the run."""
   from fmnist_jax import steps
   config = load_test_config()
-  config.seed = validate.SEED_LIMIT - validate.DATA_SEED_OFFSET
-  validate.validate_config(config)
+  config.seed = config_lib.SEED_LIMIT - config_lib.DATA_SEED_OFFSET
+  config_lib.validate_config(config)
   steps.init_state(config)
   config.seed += 1
   with pytest.raises(UserError, match='must be an integer from 0 to'):
-    validate.validate_config(config)
+    config_lib.validate_config(config)
 
 
 def test_examples_come_from_the_base_config(monkeypatch):
   """configs/base.py is the only home of defaults: a changed default shows in the messages."""
-  base = config_files.base()
+  base = config_lib.base()
   base.batch_size = 48
-  monkeypatch.setattr(validate, '_base', lambda: base)
-  config = config_files.base()
+  monkeypatch.setattr(config_lib, '_base', lambda: base)
+  config = config_lib.base()
   config.batch_size = 0
   with pytest.raises(UserError, match=r'e\.g\. --config\.batch_size=48\.$'):
-    validate.validate_config(config)
-  monkeypatch.setattr(validate, '_base', lambda: None)  # An install without configs/.
+    config_lib.validate_config(config)
+  monkeypatch.setattr(config_lib, '_base', lambda: None)  # An install without configs/.
   with pytest.raises(UserError, match=r'^batch_size=0 must be a positive number\.$'):
-    validate.validate_config(config)
+    config_lib.validate_config(config)
 
 
 def test_cli_huge_seed_is_one_line(tmp_path):
@@ -672,12 +671,12 @@ def test_cli_huge_seed_is_one_line(tmp_path):
 def test_a_model_too_big_for_the_device_is_one_line_at_once():
   config = load_test_config()
   config.hidden_sizes = (1_000_000_000,)
-  validate.validate_config(config)
-  memory = validate.device_memory_bytes()
+  config_lib.validate_config(config)
+  memory = config_lib.device_memory_bytes()
   assert memory and memory > 2**28  # Known on a CPU too: the host's memory.
   start = time.perf_counter()
   with pytest.raises(UserError) as raised:
-    validate.check_sizes(config, memory)
+    config_lib.check_sizes(config, memory)
   assert time.perf_counter() - start < 1
   message = str(raised.value)
   assert message.startswith('hidden_sizes=(1000000000,) needs ') and '\n' not in message
@@ -687,20 +686,20 @@ def test_a_model_too_big_for_the_device_is_one_line_at_once():
 def test_sizes_count_params_adam_state_and_resident_data():
   config = load_test_config()  # 784 -> 96 -> 10.
   params = 784 * 96 + 96 + 96 * 10 + 10
-  assert validate.param_count(config) == params
+  assert config_lib.param_count(config) == params
   needed = 3 * 4 * params + 60_000 * (784 + 4)
-  validate.check_sizes(config, needed)  # Exactly fits.
+  config_lib.check_sizes(config, needed)  # Exactly fits.
   with pytest.raises(UserError, match=r'^hidden_sizes=\(96,\) needs'):
-    validate.check_sizes(config, needed - 1)
+    config_lib.check_sizes(config, needed - 1)
   config.input_mode = 'stream'  # The data stays on the host.
-  validate.check_sizes(config, 3 * 4 * params)
+  config_lib.check_sizes(config, 3 * 4 * params)
   config.input_mode = 'device'
   config.num_models = 4
   with pytest.raises(UserError, match=r'^num_models=4 needs .* use at most --config.num_models=1'):
-    validate.check_sizes(config, needed)
+    config_lib.check_sizes(config, needed)
   with pytest.raises(UserError, match=r'^input_mode=device needs .*--config.input_mode=stream'):
-    validate.check_sizes(config, 10**6)
-  validate.check_sizes(config, None)  # Unknown memory: nothing refused.
+    config_lib.check_sizes(config, 10**6)
+  config_lib.check_sizes(config, None)  # Unknown memory: nothing refused.
 
 
 def test_cli_huge_hidden_layer_is_one_line_at_once(tmp_path):

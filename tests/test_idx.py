@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from fmnist_jax import idx
+from fmnist_jax.data import idx
 
 
 def _write_split(directory, split='train', n=None, images=None, labels=None):

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from fmnist_jax import CLASS_NAMES, images, inference, robustness
+from fmnist_jax import CLASS_NAMES, inference
+from fmnist_jax.photos import images
+from fmnist_jax.photos import robustness
 from tests.conftest import run_cli
 
 # Floors a few points below what configs/test.py's one-epoch model measured on these 200 test

@@ -15,10 +15,8 @@ from tests.conftest import ROOT
 def _import_graph() -> dict[str, set[str]]:
   """fmnist_jax module -> the fmnist_jax modules it imports (at any level of the file)."""
   graph = {}
-  for path in glob.glob(os.path.join(ROOT, 'fmnist_jax', '*.py')):
-    name = 'fmnist_jax.' + os.path.basename(path)[:-3]
-    if name.endswith('.__init__'):
-      name = 'fmnist_jax'
+  for path in glob.glob(os.path.join(ROOT, 'fmnist_jax', '**', '*.py'), recursive=True):
+    name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, '.').removesuffix('.__init__')
     with open(path) as f:
       tree = ast.parse(f.read())
     imported = set()
@@ -29,7 +27,8 @@ def _import_graph() -> dict[str, set[str]]:
           'fmnist_jax'):
         for alias in node.names:  # `from fmnist_jax import data` imports a module.
           candidate = f'{node.module}.{alias.name}'
-          exists = os.path.exists(os.path.join(ROOT, *candidate.split('.')) + '.py')
+          path = os.path.join(ROOT, *candidate.split('.'))
+          exists = os.path.exists(path + '.py') or os.path.isdir(path)
           imported.add(candidate if exists else node.module)
     graph[name] = imported - {name, 'fmnist_jax'}
   return graph
@@ -80,7 +79,7 @@ def _functions(tree):
 
 
 def test_no_function_over_80_lines_and_no_pickles():
-  for path in glob.glob(os.path.join(ROOT, 'fmnist_jax', '*.py')):
+  for path in glob.glob(os.path.join(ROOT, 'fmnist_jax', '**', '*.py'), recursive=True):
     with open(path) as f:
       text = f.read()
     assert 'pickle' not in text and 'serialize_executable' not in text, path
@@ -92,7 +91,7 @@ def test_no_function_over_80_lines_and_no_pickles():
 def test_the_loop_and_the_checkpointer_stay_small():
   with open(os.path.join(ROOT, 'fmnist_jax', 'loop.py')) as f:
     assert len(f.read().splitlines()) <= 300
-  with open(os.path.join(ROOT, 'fmnist_jax', 'checkpoint.py')) as f:
+  with open(os.path.join(ROOT, 'fmnist_jax', 'run', 'checkpoint.py')) as f:
     tree = ast.parse(f.read())
   checkpointer = next(n for n in tree.body if getattr(n, 'name', '') == 'Checkpointer')
   assert checkpointer.end_lineno - checkpointer.lineno + 1 <= 120

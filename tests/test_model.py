@@ -6,27 +6,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmnist_jax import config_files
-from fmnist_jax import metrics, model, validate
+from fmnist_jax import config as config_lib
+from fmnist_jax import metrics, model
 from fmnist_jax.errors import UserError
 
 
 def test_tutorial_parameter_count_and_shapes():
-  graphdef, params = model.create(config_files.base(), seed=0)
+  graphdef, params = model.create(config_lib.base(), seed=0)
   assert model.param_count(params) == 784 * 128 + 128 + 128 * 10 + 10 == 101_770
   logits = model.apply(graphdef, params, jnp.zeros((7, 28, 28), jnp.uint8))
   assert logits.shape == (7, 10) and logits.dtype == jnp.float32
 
 
 def test_hidden_sizes_are_configurable():
-  config = config_files.base()
+  config = config_lib.base()
   config.hidden_sizes = (96, 48)
   _, params = model.create(config, seed=0)
   assert model.param_count(params) == 784 * 96 + 96 + 96 * 48 + 48 + 48 * 10 + 10
 
 
 def test_keras_initialisation():
-  _, params = model.create(config_files.base(), seed=0)
+  _, params = model.create(config_lib.base(), seed=0)
   kernel = np.asarray(params['hidden'][0]['kernel'][...])
   limit = math.sqrt(6 / (784 + 128))  # glorot_uniform
   assert np.abs(kernel).max() <= limit
@@ -36,16 +36,16 @@ def test_keras_initialisation():
 
 
 def test_seed_changes_initialisation():
-  _, a = model.create(config_files.base(), seed=0)
-  _, b = model.create(config_files.base(), seed=1)
+  _, a = model.create(config_lib.base(), seed=0)
+  _, b = model.create(config_lib.base(), seed=1)
   assert not np.array_equal(a['out']['kernel'][...], b['out']['kernel'][...])
 
 
 def test_unknown_model():
-  config = config_files.base()
+  config = config_lib.base()
   config.model = 'cnn'
   with pytest.raises(UserError, match="unknown model 'cnn'"):
-    validate.validate_config(config)
+    config_lib.validate_config(config)
 
 
 def test_loss_and_accuracy_by_hand():

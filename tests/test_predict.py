@@ -10,7 +10,8 @@ import pytest
 
 from PIL import Image
 
-from fmnist_jax import CLASS_NAMES, images, inference, plots
+from fmnist_jax import CLASS_NAMES, inference, plots
+from fmnist_jax.photos import images
 from tests.conftest import run_cli
 
 

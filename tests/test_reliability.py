@@ -221,7 +221,8 @@ def _state_bytes(state):
 def test_random_bit_flips_never_change_the_restored_state(data_dir, reference, tmp_path):
   """Each flip in the newest checkpoint is either caught by its checksum (the previous one is
   restored) or has no effect on what is restored."""
-  from fmnist_jax import checkpoint, steps
+  from fmnist_jax import steps
+  from fmnist_jax.run import checkpoint
   config = _config(data_dir)
   _, template = steps.init_state(config)
   ckpt_dir = reference / 'checkpoints'
@@ -388,7 +389,8 @@ def test_disk_full_is_one_line_and_resumes(data_dir, reference, tmp_path):
 def test_disk_full_while_preparing_data_is_one_line(data_dir, tmp_path, monkeypatch):
   """Injected at the write of the decoded copy (the tfds data is there, the copy is not)."""
   import errno
-  from fmnist_jax import data, workdir as workdir_lib
+  from fmnist_jax import data
+  from fmnist_jax.run import workdir as workdir_lib
   root = tmp_path / 'tfds'
   shutil.copytree(data_dir, root)
   for copy in root.glob('fashion_mnist/fmnist_jax-*.npz'):

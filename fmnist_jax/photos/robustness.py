@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from fmnist_jax import IMAGE_SIZE
-from fmnist_jax import images as images_lib
+from fmnist_jax.photos import images as images_lib
 
 # name -> one-line description; every family except 'rotated' keeps the article's shape unchanged.
 FAMILIES = {

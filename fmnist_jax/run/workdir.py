@@ -3,7 +3,7 @@
     <workdir>/config.json          the run's config (for predict, explore and people)
     <workdir>/metrics.jsonl        one JSON line per finished epoch
     <workdir>/summary.json         the result of a finished run
-    <workdir>/checkpoints/         orbax checkpoints (fmnist_jax/checkpoint.py)
+    <workdir>/checkpoints/         orbax checkpoints (checkpoint.py)
     <workdir>/checkpoints_damaged/ checkpoints that failed to restore, kept for inspection
     <workdir>/figures/             PNG figures written by predict and explore
     <workdir>/tensorboard/         TensorBoard event files
@@ -296,10 +296,10 @@ def move_aside(workdir: str, source: str, label: str) -> str:
 def default_for_config(config_path: str, config, devices: int, processes: int) -> str:
   """The default workdir of a training: workdirs/<config file name>[,<field=value>...][,<N>devices]
   [,<P>processes], naming each field that shapes the result where the final config differs from
-  the config file's own values (fmnist_jax/fields.py): equal configs share a folder."""
-  from fmnist_jax import config_files, fields  # pylint: disable=g-import-not-at-top
+  the config file's own values (fmnist_jax/config.py): equal configs share a folder."""
+  from fmnist_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   parts = [os.path.splitext(os.path.basename(config_path))[0]]
-  parts += fields.name_parts(config, config_files.load(config_path))
+  parts += config_lib.name_parts(config, config_lib.load(config_path))
   if devices != 1:
     parts.append(f'{devices}devices')
   if processes != 1:

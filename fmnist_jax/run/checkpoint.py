@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fmnist_jax import distributed
-from fmnist_jax import workdir as workdir_lib
+from fmnist_jax.run import workdir as workdir_lib
 from fmnist_jax.errors import UserError
 
 

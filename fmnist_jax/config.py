@@ -1,23 +1,138 @@
-"""Config validation: every bad value is caught before anything is compiled or written.
+"""The config: config files loaded by path, each field's role, and validation.
 
-`validate_config` checks each field on its own; `check_sizes` checks that the model, its Adam
-state and the resident dataset fit the device's memory, by arithmetic on the config alone (no
-array is allocated, nothing is compiled), so an impossible size is one line, not a hang.
+Config files (configs/*.py) are loaded by path, as `--config configs/base.py` loads them; the
+folder is not a Python package (a package named `configs` would collide with other projects').
+Each field has one role in ROLES, read by resume checks and workdir names. `validate` checks every
+field on its own and `check_sizes` what the run keeps on a device, before anything is compiled or
+written.
 """
 
 import functools
+import hashlib
+import importlib.util
 import math
 import os
+import re
+from typing import Any
 
-from fmnist_jax import idx
+import ml_collections
+
+from fmnist_jax import IMAGE_PIXELS, NUM_CLASSES, NUM_TRAIN
 from fmnist_jax.errors import UserError
+
+
+# Loading -----------------------------------------------------------------------------------------
+
+# The repository's configs/ folder (present in a source checkout and an editable install).
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+
+def load(path: str, relative_to: str | None = None) -> ml_collections.ConfigDict:
+  """Runs `get_config()` of the config file at `path` (relative to `relative_to`'s folder)."""
+  if relative_to is not None:
+    path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+  path = os.path.abspath(path)
+  if not os.path.isfile(path):
+    raise UserError(f'config file {path} not found; pass an existing file, e.g. '
+                    '--config configs/base.py.')
+  # A module name unique per path, so two config files never share an entry in sys.modules.
+  name = 'fmnist_jax_config_' + hashlib.sha1(path.encode()).hexdigest()[:12]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def base() -> ml_collections.ConfigDict:
+  """The defaults: configs/base.py of this checkout."""
+  return load(os.path.join(CONFIGS_DIR, 'base.py'))
+
+
+# Roles -------------------------------------------------------------------------------------------
+
+# Roles: NUMBERS shape the trained numbers (a resume must use the same value, checked against the
+# checkpoint's record; a value other than the config file's names the workdir); LENGTH says how
+# long to train (names the workdir; a resume may extend it); HOST steers only the host (how often
+# to check, save, transfer; compilation): the same numbers whatever the value, neither checked nor
+# named; PLACE says where data, caches and other processes are; DISPLAY what is printed or drawn.
+# A new field must be added here: `role()` refuses unknown ones, and a test checks that every
+# field of configs/base.py has one.
+NUMBERS, LENGTH, HOST, PLACE, DISPLAY = 'numbers', 'length', 'host', 'place', 'display'
+
+ROLES = {
+    'seed': NUMBERS, 'model': NUMBERS, 'hidden_sizes': NUMBERS, 'num_classes': NUMBERS,
+    'optimizer': NUMBERS, 'learning_rate': NUMBERS, 'b1': NUMBERS, 'b2': NUMBERS,
+    'eps': NUMBERS, 'batch_size': NUMBERS, 'input_mode': NUMBERS, 'compute_dtype': NUMBERS,
+    'num_models': NUMBERS, 'learning_rates': NUMBERS,
+    'data.shuffle_buffer': NUMBERS,  # The tfds mode's data order (the other modes ignore it).
+    'num_epochs': LENGTH,
+    'eval_batch_size': HOST, 'check_every_steps': HOST, 'stream_chunk_steps': HOST,
+    'checkpoint_every_steps': HOST, 'max_checkpoints_to_keep': HOST,
+    'compile_cache_dir': HOST, 'profile_steps': HOST,
+    'data.data_dir': PLACE, 'data.manual_dir': PLACE, 'data.download': PLACE,
+    'distributed.coordinator_address': PLACE, 'distributed.num_processes': PLACE,
+    'distributed.process_id': PLACE,
+    'tensorboard': DISPLAY, 'progress': DISPLAY,
+}
+
+
+def flat(config) -> dict[str, Any]:
+  """{'data.shuffle_buffer': 60000, ...}: every leaf field of a ConfigDict (or dict), tuples
+  as lists (as JSON stores them)."""
+  out = {}
+
+  def walk(prefix, node):
+    for key, value in node.items():
+      name = f'{prefix}{key}'
+      if hasattr(value, 'items'):
+        walk(f'{name}.', value)
+      else:
+        out[name] = list(value) if isinstance(value, (tuple, list)) else value
+  walk('', config)
+  return out
+
+
+def role(name: str) -> str:
+  if name not in ROLES:
+    raise KeyError(f'config field {name!r} has no role in fmnist_jax/config.py')
+  return ROLES[name]
+
+
+def with_role(config, *roles: str) -> dict[str, Any]:
+  """The fields of `config` that have one of `roles`."""
+  return {name: value for name, value in flat(config).items() if role(name) in roles}
+
+
+def resume_fingerprint(config) -> dict[str, Any]:
+  """The NUMBERS fields a checkpoint records and a resume must match. shuffle_buffer only orders
+  the tfds mode's data, so the other modes leave it out (any value resumes them)."""
+  fields = with_role(config, NUMBERS)
+  if config.input_mode != 'tfds':
+    del fields['data.shuffle_buffer']
+  return fields
+
+
+def _text(value) -> str:
+  """A value as a workdir name shows it: '(256, 128)' -> '256_128'; 1e-3 and 0.001 alike."""
+  if isinstance(value, list):
+    return '_'.join(_text(v) for v in value) or 'none'
+  return re.sub(r'[^\w.+-]', '', str(value))
+
+
+def name_parts(config, file_config) -> list[str]:
+  """'field=value' for each NUMBERS or LENGTH field where `config` differs from `file_config`
+  (the config file's own values), in alphabetical order. Equal values add nothing, whatever the
+  spelling of the override."""
+  now, before = with_role(config, NUMBERS, LENGTH), with_role(file_config, NUMBERS, LENGTH)
+  return [f'{name}={_text(value)}' for name, value in now.items() if value != before.get(name)]
+
+
+# Validation --------------------------------------------------------------------------------------
 
 INPUT_MODES = ('device', 'stream', 'tfds')
 MODELS = ('mlp',)
 OPTIMIZERS = ('adam',)
 DTYPES = ('float32', 'bfloat16')
-TRAIN_EXAMPLES = idx.FILES['train'][2]
-PIXELS = idx.IMAGE_SIZE * idx.IMAGE_SIZE
 
 # JAX takes seeds as signed 64-bit integers; steps.init_state seeds model k with seed + k and the
 # data order with seed + 1_000_003, so the largest usable seed leaves room for both.
@@ -28,16 +143,15 @@ DATA_SEED_OFFSET = 1_000_003
 # nu), whatever compute_dtype is (bfloat16 computes in bf16 but keeps f32 state).
 STATE_BYTES_PER_PARAM = 3 * 4
 # The resident train set of the 'device' mode: uint8 pixels and int32 labels.
-RESIDENT_DATA_BYTES = TRAIN_EXAMPLES * (PIXELS + 4)
+RESIDENT_DATA_BYTES = NUM_TRAIN * (IMAGE_PIXELS + 4)
 
 
 @functools.lru_cache(maxsize=1)
 def _base():
   """configs/base.py, the only home of the defaults the messages suggest (None if absent, e.g.
   in an installed wheel without the configs/ folder)."""
-  from fmnist_jax import config_files  # pylint: disable=g-import-not-at-top
   try:
-    return config_files.base()
+    return base()
   except UserError:
     return None
 
@@ -96,18 +210,18 @@ def validate_config(config) -> None:
   for name in ('num_epochs', 'batch_size', 'eval_batch_size', 'num_models',
                'max_checkpoints_to_keep', 'stream_chunk_steps'):
     _positive(config, name)
-  if config.batch_size > TRAIN_EXAMPLES:
+  if config.batch_size > NUM_TRAIN:
     raise UserError(f'batch_size={config.batch_size} is larger than the training set '
-                    f'({TRAIN_EXAMPLES} examples); use at most --config.batch_size='
-                    f'{TRAIN_EXAMPLES}.')
+                    f'({NUM_TRAIN} examples); use at most --config.batch_size='
+                    f'{NUM_TRAIN}.')
   for name, allowed in (('model', MODELS), ('input_mode', INPUT_MODES),
                         ('optimizer', OPTIMIZERS), ('compute_dtype', DTYPES)):
     if config[name] not in allowed:
       raise UserError(f'unknown {name} {config[name]!r}; choose one of '
                       f'{", ".join(allowed)} (--config.{name}={allowed[0]}).')
-  if config.num_classes != idx.NUM_CLASSES:
+  if config.num_classes != NUM_CLASSES:
     raise UserError(f'num_classes={config.num_classes}, but Fashion-MNIST has '
-                    f'{idx.NUM_CLASSES} classes; use --config.num_classes=10.')
+                    f'{NUM_CLASSES} classes; use --config.num_classes=10.')
   sizes = tuple(config.hidden_sizes)
   if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
     raise UserError(f'hidden_sizes={sizes} must be positive integers{example("hidden_sizes")}.')
@@ -126,12 +240,23 @@ def validate_config(config) -> None:
   _check_seed(config)
 
 
+def check_divisible(batch_size: int, devices: int, where: str = '') -> None:
+  """The global batch splits evenly over the devices (`where` names them: a TPU topology, ...), or
+  one line saying which sizes do."""
+  if batch_size % devices:
+    lower = max(devices, batch_size // devices * devices)
+    over = f'the {devices} devices of {where}' if where else f'{devices} devices'
+    raise UserError(f'batch_size={batch_size} does not divide over {over}; use a multiple of '
+                    f'{devices}, e.g. --config.batch_size={lower} or {lower + devices}'
+                    f'{", or fewer devices" if where else ""}.')
+
+
 # Sizes -------------------------------------------------------------------------------------------
 
 
 def param_count(config) -> int:
   """Parameters of one model: dense layers 784 -> hidden_sizes -> num_classes, with biases."""
-  widths = (PIXELS, *config.hidden_sizes, config.num_classes)
+  widths = (IMAGE_PIXELS, *config.hidden_sizes, config.num_classes)
   return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
 
 

@@ -12,7 +12,6 @@ import dataclasses
 import math
 import re
 
-from fmnist_jax import hardware
 from fmnist_jax.errors import UserError
 
 GIB = 2**30
@@ -20,7 +19,7 @@ GIB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class TpuGeneration:
-  device_kind: str  # As JAX reports it: the key of hardware.PEAK_FLOPS.
+  device_kind: str  # As JAX reports it: the key of PEAK_FLOPS.
   dims: int  # Axes of a topology's shape: 2 (v5e:2x4) or 3 (v4:2x2x1).
   devices_per_chip: int  # JAX devices per chip: v2 and v3 show each of their 2 cores.
   hbm_bytes: int  # Memory of one JAX device.
@@ -211,15 +210,6 @@ def parse_gpus(names) -> list[GpuTarget]:
   return [GPUS[n.strip().lower()] for n in names]
 
 
-def check_divisible(batch_size: int, devices: int, where: str) -> None:
-  """The trainer splits the batch over the devices: it must divide (eval batches are rounded up)."""
-  if batch_size % devices:
-    lower = max(devices, batch_size // devices * devices)
-    raise UserError(f'batch_size={batch_size} does not divide over the {devices} devices of '
-                    f'{where}; use a multiple of {devices}, e.g. --config.batch_size={lower} or '
-                    f'{lower + devices}, or fewer devices.')
-
-
 def roofline_seconds(flops: float, bytes_accessed: float, peak_flops: float,
                      bandwidth: float) -> float:
   """A lower bound on a program's time: its arithmetic at peak, or its memory traffic at full
@@ -229,9 +219,9 @@ def roofline_seconds(flops: float, bytes_accessed: float, peak_flops: float,
 
 def gpu_roofline(gpu: GpuTarget, dtype: str, flops: float, bytes_accessed: float) -> float:
   """roofline_seconds on `gpu`: peak FLOP/s from fmnist_jax.hardware, bandwidth from its spec."""
-  peak = hardware.peak_flops(gpu.device_kind, dtype)
+  peak = peak_flops(gpu.device_kind, dtype)
   if peak is None:
-    raise UserError(f'no peak FLOP/s for {gpu.device_kind} ({dtype}) in fmnist_jax/hardware.py.')
+    raise UserError(f'no peak FLOP/s for {gpu.device_kind} ({dtype}) in fmnist_jax/hardware/targets.py.')
   return roofline_seconds(flops, bytes_accessed, peak, gpu.spec['memory_bandwidth'])
 
 
@@ -264,3 +254,46 @@ def check_memory(results: list[dict], capacity) -> None:
           if memory_used(r['memory_bytes']) > capacity(r)]
   if over:
     raise UserError(f'does not fit: {"; ".join(over)}; {FIT_HINT}')
+
+
+# Peak FLOP/s -------------------------------------------------------------------------------------
+
+# Peak FLOP/s of accelerators, by the `device_kind` JAX reports, for MFU (model FLOP/s
+# utilisation).
+#
+# Dense matrix-multiply peaks per JAX device, from the vendors' published specifications:
+# - TPUs (cloud.google.com/tpu/docs, the system architecture page of each version): bf16 per chip;
+#   v2 and v3 show one device per core (half a chip). float32 matmuls run on the same units at
+#   JAX's default precision (bf16 passes), so their peak is the bf16 one.
+# - NVIDIA (the H200, H100 SXM, A100, L4 and T4 datasheets): bf16/fp16 tensor-core peaks without
+#   sparsity; float32 at JAX's default precision uses TF32 tensor cores on Ampere and newer, plain
+#   FP32 on the T4.
+# CPUs and unknown devices have no entry: their MFU is reported as null.
+
+TERA = 1e12
+
+# device_kind -> {compute dtype: peak FLOP/s of one JAX device}.
+PEAK_FLOPS = {
+    'TPU v2': {'bfloat16': 22.5 * TERA, 'float32': 22.5 * TERA},  # 45 per chip, 2 cores.
+    'TPU v3': {'bfloat16': 61.5 * TERA, 'float32': 61.5 * TERA},  # 123 per chip, 2 cores.
+    'TPU v4': {'bfloat16': 275 * TERA, 'float32': 275 * TERA},
+    'TPU v5 lite': {'bfloat16': 197 * TERA, 'float32': 197 * TERA},  # v5e.
+    'TPU v5': {'bfloat16': 459 * TERA, 'float32': 459 * TERA},  # v5p.
+    'TPU v5p': {'bfloat16': 459 * TERA, 'float32': 459 * TERA},
+    'TPU v6 lite': {'bfloat16': 918 * TERA, 'float32': 918 * TERA},  # v6e (Trillium).
+    'NVIDIA H200': {'bfloat16': 989 * TERA, 'float32': 494.5 * TERA},
+    'NVIDIA H100 80GB HBM3': {'bfloat16': 989 * TERA, 'float32': 494.5 * TERA},
+    'NVIDIA A100-SXM4-80GB': {'bfloat16': 312 * TERA, 'float32': 156 * TERA},
+    'NVIDIA A100-SXM4-40GB': {'bfloat16': 312 * TERA, 'float32': 156 * TERA},
+    'NVIDIA L4': {'bfloat16': 121 * TERA, 'float32': 60 * TERA},
+    'Tesla T4': {'bfloat16': 65 * TERA, 'float32': 8.1 * TERA},  # bf16 runs as fp16 here.
+}
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+  """The peak FLOP/s of one device of that kind for `dtype`, or None where unknown (CPUs)."""
+  entry = PEAK_FLOPS.get(device_kind)
+  if entry is None:  # 'NVIDIA H100 PCIe', 'NVIDIA H200 NVL' ...: match the model name.
+    entry = next((v for k, v in PEAK_FLOPS.items()
+                  if k.startswith('NVIDIA') and device_kind.startswith(k.split('-')[0])), None)
+  return entry.get(dtype) if entry else None

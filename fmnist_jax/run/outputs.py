@@ -7,11 +7,12 @@ produces one set of outputs. `progress` turns off the per-epoch lines, never the
 
 import os
 import sys
+import time
 
 import numpy as np
 
-from fmnist_jax import hardware
-from fmnist_jax import workdir as workdir_lib
+from fmnist_jax.hardware import targets
+from fmnist_jax.run import workdir as workdir_lib
 
 # summary.json keys a finished run must have to be reported again instead of re-evaluated.
 SUMMARY_KEYS = ('test_accuracy', 'test_loss', 'steps', 'devices', 'backend', 'train_seconds',
@@ -247,6 +248,23 @@ def finished_line(workdir: str, summary: dict) -> str:
           '--workdir to train again).')
 
 
+# When the process started -----------------------------------------------------------------------
+
+_IMPORTED_AT = time.time()
+
+
+def process_start_time() -> float:
+  """When this process started, on the time.time() clock (from /proc on Linux)."""
+  try:
+    with open('/proc/self/stat') as f:
+      ticks = int(f.read().rsplit(')', 1)[1].split()[19])
+    with open('/proc/uptime') as f:
+      uptime = float(f.read().split()[0])
+    return time.time() - uptime + ticks / os.sysconf('SC_CLK_TCK')
+  except (OSError, ValueError, IndexError):
+    return _IMPORTED_AT
+
+
 # The summary -------------------------------------------------------------------------------------
 
 
@@ -259,7 +277,7 @@ def make_summary(run, state, history, test, steps_run: int, timing: dict) -> dic
   rate = (lambda n: n / train_seconds if train_seconds else None)
   flops = programs.step_flops(run.compiled['train_chunk'])
   kind = jax.devices()[0].device_kind
-  peak = hardware.peak_flops(kind, config.compute_dtype)
+  peak = targets.peak_flops(kind, config.compute_dtype)
   achieved = rate(flops * steps_run) if flops else None  # Per device: XLA costs its share.
   summary = {
       'test_accuracy': final['test_accuracy'], 'test_loss': final['test_loss'],

@@ -1,0 +1,159 @@
+"""Lowers the trainer's programs for TPU and GPU on any machine with jax.export, and writes the
+predict function as a model file that a serving process calls with JAX alone.
+
+For each platform and for 1 and N devices: the fused train chunk, the epoch shuffle and the
+evaluation, sharded as the trainer shards them. Lowering shows that XLA's front end accepts each
+program for that platform; compiling it needs the hardware (or compile_check's compilers).
+JAX is imported inside the functions: the host device count in XLA_FLAGS must be set first.
+"""
+
+import copy
+import os
+import sys
+
+from fmnist_jax import IMAGE_SIZE
+from fmnist_jax import config as config_lib
+from fmnist_jax.errors import UserError
+
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+SUFFIX = '.jaxexport'
+
+
+def set_host_device_count(n: int) -> None:
+  """Asks XLA for n CPU devices; takes effect only if JAX has not been imported yet."""
+  if 'jax' in sys.modules:
+    return
+  flag = f'--xla_force_host_platform_device_count={n}'
+  current = os.environ.get('XLA_FLAGS', '')
+  if 'xla_force_host_platform_device_count' not in current:
+    os.environ['XLA_FLAGS'] = f'{current} {flag}'.strip()
+
+
+def cpu_devices(count: int) -> list:
+  """The first `count` CPU devices of this process (simulated host devices on a CPU machine)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices('cpu')
+  if len(devices) < count:
+    raise UserError(f'{count} CPU devices are needed but this process has {len(devices)}; run it '
+                    f'as `python -m fmnist_jax.export` (it sets XLA_FLAGS=--xla_force_host_'
+                    f'platform_device_count={count} before JAX starts).')
+  return devices[:count]
+
+
+# The programs compiled, in this order: the trainer's own and the stream and tfds modes' chunk,
+# which takes host batches [K, B, 28, 28] instead.
+COMPILED = ('train_chunk', 'stream_chunk', 'shuffle', 'evaluate', 'predict', 'finite')
+
+
+def dataset_programs(config, mesh, stream_chunk: bool = True, names=None) -> dict:
+  """{name: programs.Program} of COMPILED (or `names`) on `mesh`, as the trainer builds them."""
+  from fmnist_jax import NUM_TEST, NUM_TRAIN  # pylint: disable=g-import-not-at-top
+  from fmnist_jax import programs  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from fmnist_jax.plan import RunPlan  # pylint: disable=g-import-not-at-top
+  plan = RunPlan.create(config, NUM_TRAIN, NUM_TEST, mesh.size)
+  progs = programs.programs(config, mesh, plan)
+  if stream_chunk and config.input_mode == 'device':
+    stream = copy.deepcopy(config)
+    stream.input_mode = 'stream'
+    progs['stream_chunk'] = programs.programs(stream, mesh, plan)['train_chunk']
+  return {name: progs[name] for name in names or COMPILED if name in progs}
+
+
+EXPORTED = ('train_chunk', 'shuffle', 'evaluate')  # The training programs written out.
+
+
+def training_programs(config, mesh) -> dict:
+  """{name: programs.Program} of the trainer's programs on `mesh`: the very construction the
+  trainer compiles (fmnist_jax/programs.py), for the full Fashion-MNIST splits."""
+  return dataset_programs(config, mesh, stream_chunk=False, names=EXPORTED)
+
+
+def predict_function(config, graphdef, params):
+  """uint8 images [b, 28, 28] -> probabilities [b, 10], the parameters closed over as constants:
+  fmnist_jax.inference's computation (mean over models if several)."""
+  from fmnist_jax import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
+  probs_fn = inference.make_probs_fn(config, graphdef)
+  return lambda images: probs_fn(params, images)
+
+
+def export_flat(program, platforms):
+  """Exports a programs.Program as a function of the flat list of its arguments' array leaves.
+
+  jax.export serializes only standard pytree containers; flax's state and variable types are not,
+  so the export takes and returns flat lists (a caller flattens with jax.tree.flatten).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax import export  # pylint: disable=g-import-not-at-top
+  leaves, treedef = jax.tree.flatten(program.args)
+  donate = tuple(range(len(jax.tree.leaves(program.args[0])))) if program.donated else ()
+
+  def flat(*leaves):
+    return jax.tree.leaves(program.jitted(*jax.tree.unflatten(treedef, leaves), **program.kwargs))
+  return export.export(jax.jit(flat, donate_argnums=donate), platforms=platforms)(*leaves)
+
+
+def export_predict(config, graphdef, params, platforms, mesh):
+  """The predict function exported for `platforms` with a symbolic batch, sharded over `mesh`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax import export  # pylint: disable=g-import-not-at-top
+  from fmnist_jax import distributed  # pylint: disable=g-import-not-at-top
+  params = jax.device_put(params, distributed.replicated(mesh))
+  rows = distributed.batch_sharded(mesh)
+  # With several devices the batch must split evenly: b = devices * k.
+  batch = export.symbolic_shape('b' if mesh.size == 1 else f'{mesh.size}*k')[0]
+  fn = jax.jit(predict_function(config, graphdef, params), in_shardings=rows, out_shardings=rows)
+  return export.export(fn, platforms=platforms)(
+      jax.ShapeDtypeStruct((batch, IMAGE_SIZE, IMAGE_SIZE), jnp.uint8, sharding=rows))
+
+
+def _shapes(exported, skip: int, label: str) -> str:
+  """The input shapes, the first `skip` (a pytree called `label`) as a count."""
+  shapes = ' '.join(a.str_short() for a in exported.in_avals[skip:])
+  return f'{label} ({skip} arrays) {shapes}' if skip else shapes
+
+
+def export_all(config, platforms, devices: int, out: str, workdir: str | None = None,
+               log=print) -> list[str]:
+  """Writes every export into `out` (see module docstring); returns the paths written."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fmnist_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from fmnist_jax.distributed import make_mesh  # pylint: disable=g-import-not-at-top
+  unknown = sorted(set(platforms) - set(PLATFORMS))
+  if unknown or not platforms:
+    raise UserError(f'unknown --platforms {",".join(unknown)}; choose from {",".join(PLATFORMS)}.')
+  if devices < 1:
+    raise UserError(f'--devices must be at least 1, not {devices}.')
+  config_lib.check_divisible(config.batch_size, devices, f'--devices={devices}')
+  if workdir:
+    from fmnist_jax import inference  # pylint: disable=g-import-not-at-top
+    predict_config, graphdef, params = inference.load_trained(workdir)
+  else:
+    predict_config = config
+    graphdef, state = steps_lib.init_state(config)
+    params = state.params
+  os.makedirs(out, exist_ok=True)
+  paths = []
+
+  def write(name, platform, n, exported, skip=0, label=''):
+    data = exported.serialize()
+    path = os.path.join(out, f'{name}-{platform}-{n}dev{SUFFIX}')
+    with open(path, 'wb') as f:
+      f.write(data)
+    paths.append(path)
+    log(f'export: {name:11s} {platform:14s} {n} device(s)  in: {_shapes(exported, skip, label)}  '
+        f'{len(data):,} bytes  {path}')
+
+  for n in sorted({1, devices}):
+    mesh = make_mesh(cpu_devices(n))
+    programs = training_programs(config, mesh)
+    for platform in platforms:
+      for name, program in programs.items():
+        exported = export_flat(program, (platform,))
+        label = {'train_chunk': 'state', 'evaluate': 'params'}.get(name, '')
+        write(name, platform, n, exported, len(jax.tree.leaves(program.args[0])) if label else 0,
+              label)
+    serve_platforms = tuple(dict.fromkeys(('cpu', *platforms)))
+    write('predict', '_'.join(serve_platforms), n,
+          export_predict(predict_config, graphdef, params, serve_platforms, mesh))
+  return paths
