@@ -21,6 +21,7 @@ import sys
 
 from fmnist_jax.hardware import targets
 from fmnist_jax import config as config_lib
+from fmnist_jax import cli
 from fmnist_jax.hardware import compile_check
 from fmnist_jax.errors import exit_on_user_error
 
@@ -136,12 +137,11 @@ def run(kind: str, targets: list[str], out_dir: str = REPORTS, log=print) -> dic
   """Estimates every case on every target and writes <kind>-estimate.md and .json."""
   measured, source = cpu_measured()
   rows = []
-  with compile_check.native_stderr(show=False):  # libtpu's warnings that this machine has no TPU.
-    for target in targets:
-      for batch, models in cases():
-        rows.append(estimate(kind, target, batch, models))
-        log(f'estimate: {target} batch {batch} models {models}: '
-            f'{rows[-1]["estimated_seconds"]} s per step')
+  for target in targets:
+    for batch, models in cases():
+      rows.append(estimate(kind, target, batch, models))
+      log(f'estimate: {target} batch {batch} models {models}: '
+          f'{rows[-1]["estimated_seconds"]} s per step')
   report = {'title': f'Training speed: {WHAT[kind][0]}', 'kind': kind, 'targets': targets,
             'what': WHAT[kind][1], 'compiler': compile_check.compiler_versions(kind),
             'command': 'python -m benchmarks.estimate ' + ' '.join(sys.argv[1:]),
@@ -166,6 +166,7 @@ def main(argv=None):
   parser.add_argument('--out', default=REPORTS, help='Folder for the reports.')
   args = parser.parse_args(argv)
   compile_check.compile_env(gpu=bool(args.gpu))  # Before JAX starts.
+  cli.quiet_frameworks()  # libtpu's warnings that this machine has no TPU.
   with exit_on_user_error():
     kind = 'tpu' if args.tpu else 'gpu'
     run(kind, [t.strip() for t in (args.tpu or args.gpu).split(',') if t.strip()], args.out)

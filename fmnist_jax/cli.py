@@ -1,21 +1,36 @@
-"""Shared command-line plumbing: absl flag parsing whose mistakes become one-line errors."""
+"""What every command shares: flag errors as one line, frameworks kept quiet, a prompt exit.
 
-import contextlib
+`run(main)` parses the flags (a mistake is one `error:` line, exit 2) and, unless --verbosity asks
+for INFO or more, keeps what the frameworks print to themselves (`quiet_frameworks`): their Python
+log records, and the lines native code writes to the terminal (XLA, libtpu, TensorFlow, Gloo,
+tfds's banners). A command's own lines and real failures pass through.
+"""
+
+import atexit
 import logging as pylogging
 import os
 import re
+import select
 import sys
-import tempfile
+import threading
 from typing import Callable, Sequence
 
 from absl import app
-from absl import logging
 from absl import flags
+from absl import logging
 
 from fmnist_jax.errors import UserError, exit_on_user_error
 
+# Lines the frameworks print for themselves: C++ log lines ('W1206 05:12:33.1 123 file.cc:45] ',
+# libtpu's 'E0000 common_lib.cc:554] ...'; severity F, a crash, passes), absl's note before its
+# logging starts, Gloo's "[Gloo] Rank N is connected to M peer ranks" (pieces of two such lines can
+# interleave: the second pattern), and tfds's preparation banners.
+NOISE = re.compile(rb'^[IWE]\d{4} [^\]]*\] |^WARNING: All log messages before absl::Initialize'
+                   rb'|\[Gloo\]|connected peer ranks|^Downloading and preparing dataset '
+                   rb'|^Dataset \S+ downloaded and prepared to ')
 
-def _describe(error: Exception, argv: Sequence[str]) -> str:
+
+def _describe(error: Exception) -> str:
   """Rewrites flag and config-file errors (often multi-line) as one actionable sentence."""
   text = ' '.join(str(error).split())
   if isinstance(error, flags.Error):
@@ -35,7 +50,8 @@ def _describe(error: Exception, argv: Sequence[str]) -> str:
 
 
 def parse_flags(argv: Sequence[str], config_flags_to_load: Sequence[str] = ()) -> list[str]:
-  """Parses flags; turns every flag or config error into a UserError."""
+  """Parses flags, then quiets the frameworks unless --verbosity asks for their messages; turns
+  every flag or config error into a UserError."""
   try:
     rest = flags.FLAGS(argv)
     for name in config_flags_to_load:
@@ -43,38 +59,101 @@ def parse_flags(argv: Sequence[str], config_flags_to_load: Sequence[str] = ()) -
       if value is None:
         raise UserError(f'--{name} is required, e.g. --{name} configs/base.py.')
       value.to_dict()  # A config file that failed to load raises only when first used.
-    return rest
   except UserError:
     raise
   except (flags.Error, AttributeError, OSError, ImportError, SyntaxError, ValueError,
           TypeError, KeyError) as e:
-    raise UserError(_describe(e, argv)) from None
+    raise UserError(_describe(e)) from None
+  if logging.get_verbosity() < logging.INFO:
+    quiet_frameworks()
+  return rest
 
 
-def verbose() -> bool:
-  """Whether absl's --verbosity asks for INFO or more: then libraries' own messages are shown."""
-  return logging.get_verbosity() >= logging.INFO
-
-
-class _QuietFrameworks(pylogging.Filter):
-  """Unless --verbosity asks for INFO or more, drops tfds's warnings about its own internals (e.g.
-  "Variant folder ... has no dataset_info.json" while preparing) and orbax's log lines: an orbax
-  failure also reaches the caller as an exception (a full disk, say), told once, in one line."""
+class _QuietLogs(pylogging.Filter):
+  """Drops orbax's log records and tfds's below ERROR: what fails reaches the command as an
+  exception (a full disk, say), told once, in one line."""
 
   def filter(self, record):
-    if verbose():
-      return True
     if f'{os.sep}orbax{os.sep}' in record.pathname:
       return False
     return not (f'{os.sep}tensorflow_datasets{os.sep}' in record.pathname
                 and record.levelno < pylogging.ERROR)
 
 
+class _LineFilter:
+  """Passes what is written to file descriptor `fd` on to where it went before, less the lines
+  matching NOISE. A thread copies; an unfinished line is held at most `hold` seconds (a progress
+  bar rewritten with '\\r' still moves)."""
+
+  def __init__(self, fd: int, hold: float = 0.05):
+    self._fd, self._hold = fd, hold
+    self._target = os.dup(fd)
+    self._source, write_end = os.pipe()
+    os.dup2(write_end, fd)
+    os.close(write_end)
+    self._thread = threading.Thread(target=self._copy, daemon=True)
+    self._thread.start()
+
+  def _copy(self) -> None:
+    pending = b''
+    while True:
+      ready, _, _ = select.select([self._source], [], [], self._hold)
+      if not ready:
+        if not NOISE.search(pending):
+          self._write(pending)  # A line left unfinished (a progress bar): pass on what there is.
+        pending = b''
+        continue
+      data = os.read(self._source, 65536)
+      if not data:  # Closed: the process is exiting.
+        self._write(pending)
+        return
+      *lines, pending = (pending + data).split(b'\n')
+      self._write(b''.join(line + b'\n' for line in lines if not NOISE.search(line)))
+
+  def _write(self, data: bytes) -> None:
+    while data:
+      data = data[os.write(self._target, data):]
+
+  def close(self) -> None:
+    """Gives `fd` back its destination once what was written before has been passed on."""
+    os.dup2(self._target, self._fd)  # Closes the pipe's last write end: the copier sees its end.
+    self._thread.join(timeout=5)
+
+
+_filters: list[_LineFilter] = []
+_terminal = {}  # fd -> whether it was a terminal before a filter took it.
+
+
+def quiet_frameworks() -> None:
+  """Keeps the frameworks' own messages off the terminal for the rest of the process."""
+  if _filters:
+    return
+  logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file operation at INFO.
+  logging.get_absl_handler().addFilter(_QuietLogs())
+  for stream in (sys.stdout, sys.stderr):
+    stream.flush()
+  for fd in (1, 2):
+    _terminal[fd] = os.isatty(fd)
+    _filters.append(_LineFilter(fd))
+  atexit.register(_close_filters)
+
+
+def _close_filters() -> None:
+  for stream in (sys.stdout, sys.stderr):
+    stream.flush()
+  while _filters:
+    _filters.pop().close()
+
+
+def stdout_is_terminal() -> bool:
+  """Whether standard output is a terminal (as it was before quiet_frameworks took it)."""
+  return _terminal[1] if 1 in _terminal else sys.stdout.isatty()
+
+
 def run(main: Callable[[list[str]], None], config_flags_to_load: Sequence[str] = ()) -> None:
   """absl's app.run with one-line errors (UserError) instead of tracebacks, quiet frameworks,
   and a prompt exit."""
-  logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file operation at INFO.
-  logging.get_absl_handler().addFilter(_QuietFrameworks())
+  logging.set_verbosity(logging.WARNING)
   try:
     with exit_on_user_error():
       app.run(main, argv=sys.argv,
@@ -91,32 +170,5 @@ def exit_promptly(code: int) -> None:
   jax = sys.modules.get('jax')
   if jax is not None and jax.distributed.is_initialized():
     return  # jax.distributed's own shutdown must run: it syncs with the other processes.
-  sys.stdout.flush()
-  sys.stderr.flush()
+  _close_filters()
   os._exit(code)  # pylint: disable=protected-access
-
-
-@contextlib.contextmanager
-def held_stderr(show_on_failure: bool = True):
-  """Sends file descriptor 2 (where C++ libraries such as libtpu print, before any log setting of
-  theirs applies) to a temporary file for the block; the bytearray yielded then holds what was
-  written there. If the block fails, it is shown at once (unless `show_on_failure` is False: the
-  caller's one-line error says it all)."""
-  held = bytearray()
-  sys.stderr.flush()
-  saved = os.dup(2)
-  file = tempfile.TemporaryFile()
-  os.dup2(file.fileno(), 2)
-  failed = True
-  try:
-    yield held
-    failed = False
-  finally:
-    sys.stderr.flush()
-    os.dup2(saved, 2)
-    os.close(saved)
-    file.seek(0)
-    held.extend(file.read())
-    file.close()
-    if failed and show_on_failure:
-      os.write(2, held)

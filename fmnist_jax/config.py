@@ -103,13 +103,14 @@ def with_role(config, *roles: str) -> dict[str, Any]:
   return {name: value for name, value in flat(config).items() if role(name) in roles}
 
 
-def resume_fingerprint(config) -> dict[str, Any]:
-  """The NUMBERS fields a checkpoint records and a resume must match. shuffle_buffer only orders
-  the tfds mode's data, so the other modes leave it out (any value resumes them)."""
+def resume_fingerprint(config, devices: int = 1, processes: int = 1) -> dict[str, Any]:
+  """What a checkpoint records and a resume must match: the NUMBERS fields, and the device and
+  process counts (they change the order of the sums, hence the numbers). shuffle_buffer only
+  orders the tfds mode's data, so the other modes leave it out (any value resumes them)."""
   fields = with_role(config, NUMBERS)
   if config.input_mode != 'tfds':
     del fields['data.shuffle_buffer']
-  return fields
+  return {**fields, 'devices': devices, 'processes': processes}
 
 
 def _text(value) -> str:

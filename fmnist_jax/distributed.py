@@ -4,21 +4,16 @@ One mesh axis, 'data': the global batch is split over all devices of all process
 and optimizer state are replicated. With one device every sharding is trivial and nothing changes.
 """
 
-import atexit
 import contextlib
 import importlib.util
 import os
-import re
-import select
 import sys
-import threading
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fmnist_jax import cli
 from fmnist_jax.errors import UserError
 
 DATA_AXIS = 'data'
@@ -45,8 +40,6 @@ def initialize(dist_config) -> None:
     if dist_config.process_id >= 0:
       kwargs['process_id'] = dist_config.process_id
     if kwargs or any(os.environ.get(name) for name in _MULTI_PROCESS_ENV):
-      if not cli.verbose():
-        _drop_gloo_lines()
       jax.distributed.initialize(**kwargs)
   start_backends()
 
@@ -60,33 +53,26 @@ _backends_started = False
 
 
 def start_backends() -> None:
-  """Starts JAX's backends with what they print on stderr held back.
+  """Starts JAX's backends: a platform that JAX_PLATFORMS names and that cannot start is a
+  UserError, and a fall back to the CPU where an accelerator was expected is said in one line.
 
-  libtpu on a machine without a TPU prints warnings and errors about its own setup ("could not
-  determine TPU accelerator type", "unexpected worker hostname") that no environment setting
-  silences. They are shown with --verbosity=0 or more; otherwise, a fall back to the CPU where an
-  accelerator was expected is said in one line. A platform that JAX_PLATFORMS names and that
-  cannot start is a UserError.
+  (libtpu on a machine without a TPU prints warnings and errors about its own setup, "could not
+  determine TPU accelerator type", that no environment setting silences: the commands keep them
+  back unless --verbosity=0, fmnist_jax.cli.quiet_frameworks.)
   """
   global _backends_started
   if _backends_started:
     return
   _backends_started = True
-  error = None
-  with cli.held_stderr() as held:
-    try:
-      backend = jax.default_backend()
-    except RuntimeError as e:  # JAX_PLATFORMS names a platform that cannot start.
-      error = ' '.join(str(e).split())
-  if cli.verbose():
-    os.write(2, held)
-  if error:
-    raise UserError(f'{error}; --verbosity=0 shows the libraries\' own messages.')
+  try:
+    backend = jax.default_backend()
+  except RuntimeError as e:  # JAX_PLATFORMS names a platform that cannot start.
+    raise UserError(f'{" ".join(str(e).split())}; --verbosity=0 shows the libraries\' own '
+                    'messages.') from None
   expected = expected_accelerators()
   if backend == 'cpu' and expected and jax.process_index() == 0:
-    why = '' if cli.verbose() else ' (--verbosity=0 shows why)'
-    print(f'warning: no {" or ".join(expected)} could be used; running on the CPU{why}.',
-          file=sys.stderr, flush=True)
+    print(f'warning: no {" or ".join(expected)} could be used; running on the CPU (--verbosity=0 '
+          'shows why).', file=sys.stderr, flush=True)
 
 
 def expected_accelerators() -> list[str]:
@@ -100,61 +86,11 @@ def expected_accelerators() -> list[str]:
                             if importlib.util.find_spec(package) is not None))
 
 
-# Gloo (the CPU collectives of a multi-process run) prints "[Gloo] Rank N is connected to M peer
-# ranks. Expected number of connected peer ranks is : M" for every new group of devices, on stdout
-# and stderr, from C++ with no log level to turn it off. Pieces of two such lines written at once
-# can interleave, hence the second pattern.
-_GLOO_LINE = re.compile(rb'\[Gloo\]|connected peer ranks')
-
-
-def _drop_gloo_lines() -> None:
-  """Filters Gloo's connection lines out of this process's stdout and stderr (file descriptors 1
-  and 2), until the process exits."""
-  for fd in (1, 2):
-    _LineFilter(fd, _GLOO_LINE)
-
-
-class _LineFilter:
-  """Passes what is written to file descriptor `fd` on to where it went before, less the lines
-  that match `pattern`. A thread copies; an unfinished line is held at most `hold` seconds (a
-  progress bar rewritten with '\r' still moves)."""
-
-  def __init__(self, fd: int, pattern: re.Pattern, hold: float = 0.05):
-    self._fd, self._pattern, self._hold = fd, pattern, hold
-    self._target = os.dup(fd)
-    self._source, write_end = os.pipe()
-    os.dup2(write_end, fd)
-    os.close(write_end)
-    self._thread = threading.Thread(target=self._copy, daemon=True)
-    self._thread.start()
-    atexit.register(self.close)
-
-  def _copy(self) -> None:
-    pending = b''
-    while True:
-      ready, _, _ = select.select([self._source], [], [], self._hold)
-      if not ready:
-        if not self._pattern.search(pending):
-          self._write(pending)  # A line left unfinished (a progress bar): pass on what there is.
-        pending = b''
-        continue
-      data = os.read(self._source, 65536)
-      if not data:  # Closed: the process is exiting.
-        self._write(pending)
-        return
-      *lines, pending = (pending + data).split(b'\n')
-      self._write(b''.join(line + b'\n' for line in lines if not self._pattern.search(line)))
-
-  def _write(self, data: bytes) -> None:
-    while data:
-      data = data[os.write(self._target, data):]
-
-  def close(self) -> None:
-    """Gives `fd` back its old destination; what was written before is passed on first."""
-    for stream in (sys.stdout, sys.stderr):
-      stream.flush()
-    os.dup2(self._target, self._fd)  # Closes the pipe's last write end: the copier sees its end.
-    self._thread.join(timeout=5)
+def describe() -> dict:
+  """The run's devices and processes, and the jax that drives them (for summary.json)."""
+  return {'backend': jax.default_backend(), 'devices': jax.device_count(),
+          'device_kind': jax.devices()[0].device_kind, 'processes': jax.process_count(),
+          'jax_version': jax.__version__}
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -189,6 +125,17 @@ def to_host(array: jax.Array) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(array)
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def in_batches(compiled, params, rows: np.ndarray, mesh: Mesh, batch_size: int) -> np.ndarray:
+  """`compiled(params, batch)` over host `rows` in batches of `batch_size` split over the devices
+  (every process runs it on the same rows), the last batch padded; the results on the host."""
+  from fmnist_jax.data import batches  # pylint: disable=g-import-not-at-top
+  padded = batches.pad_batch({'rows': rows}, -(-len(rows) // batch_size) * batch_size)['rows']
+  sharding = batch_sharded(mesh)
+  out = [to_host(compiled(params, put(padded[i:i + batch_size], sharding)))
+         for i in range(0, len(padded), batch_size)]
+  return np.concatenate(out)[:len(rows)]
 
 
 def dataset_sharding(mesh: Mesh, num_examples: int) -> NamedSharding:

@@ -7,6 +7,10 @@ images with a colorbar, the 5x5 grid with class names, and training_curves.png w
 a run. Nothing else in the workdir is read or written.
 """
 
+from fmnist_jax.run import signals
+signals.install()  # Ctrl-C and SIGTERM stop the command cleanly from here on (run/signals.py).
+# pylint: disable=g-import-not-at-top,wrong-import-position
+
 import os
 
 import numpy as np
@@ -17,6 +21,7 @@ from fmnist_jax import CLASS_NAMES
 from fmnist_jax import cli
 from fmnist_jax import config as config_lib
 from fmnist_jax import data
+from fmnist_jax.run import outputs
 from fmnist_jax.run import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -60,23 +65,12 @@ def write_figures(arrays, workdir: str, out: str) -> list[str]:
 
 
 def data_config(workdir: str, config=None):
-  """The data fields: `config`'s, else the workdir's config.json, else configs/base.py's."""
+  """The data fields: `config`'s, else the workdir's config.json's, else configs/base.py's."""
   if config is not None:
     return config.data
-  defaults = config_lib.base().data
-  path = workdir_lib.path(workdir, workdir_lib.CONFIG)
-  if not os.path.isfile(path):
-    return defaults
-  fix = 'delete it or pass --config configs/base.py'
-  saved = workdir_lib.read_json(path, fix, required=('data',)).get('data')
-  if not isinstance(saved, dict):
-    raise workdir_lib.WorkdirError(f'{path} is damaged (data is not a JSON object); {fix}.')
-  for key, value in saved.items():
-    if key in defaults:
-      if not isinstance(value, type(defaults[key])):
-        raise workdir_lib.WorkdirError(f'{path} is damaged (data.{key}={value!r}); {fix}.')
-      defaults[key] = value
-  return defaults
+  if not os.path.lexists(workdir_lib.path(workdir, workdir_lib.CONFIG)):
+    return config_lib.base().data
+  return outputs.read_config(workdir).data
 
 
 def main(argv):

@@ -9,10 +9,13 @@ The first lowers them with jax.export and writes a predict model file (hardware/
 (hardware/compile_check.py). Only flag parsing lives here.
 """
 
+from fmnist_jax.run import signals
+signals.install()  # Ctrl-C and SIGTERM stop the command cleanly from here on (run/signals.py).
+# pylint: disable=g-import-not-at-top,wrong-import-position
+
 import sys
 
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from fmnist_jax import cli
@@ -43,8 +46,7 @@ _STREAM_CHUNK = flags.DEFINE_bool('stream_chunk', True, "With --tpu/--gpu and th
 def main(argv):
   del argv
   if _TPU.value or _GPU.value:
-    compile_check.check(_CONFIG.value, _TPU.value, _GPU.value, _OUT.value, _STREAM_CHUNK.value,
-                        show_native_logs=logging.get_verbosity() >= logging.INFO)
+    compile_check.check(_CONFIG.value, _TPU.value, _GPU.value, _OUT.value, _STREAM_CHUNK.value)
     if not flags.FLAGS['platforms'].present:
       return
   lowering.export_all(_CONFIG.value, [p.strip().lower() for p in _PLATFORMS.value if p.strip()],

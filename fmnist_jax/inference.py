@@ -1,92 +1,102 @@
-"""Inference from a trained workdir: load_trained (read-only), predict_probs, and the test set's
-confusion_matrix and per_class_table.
+"""Inference from a trained workdir: load_trained (read-only), class probabilities, and the test
+set's confusion matrix and per-class table.
 
 Reading never changes the workdir (no folders created, no temporary checkpoints cleaned, nothing
 moved), so it is safe beside a training that is writing into the same workdir.
 """
 
+import dataclasses
 import os
 from typing import Any
 
 import jax
-import ml_collections
+import jax.numpy as jnp
 import numpy as np
 
-from fmnist_jax import CLASS_NAMES, NUM_CLASSES
-from fmnist_jax.run import checkpoint
+from fmnist_jax import CLASS_NAMES, NUM_CLASSES, NUM_TEST, NUM_TRAIN
+from fmnist_jax import model as model_lib
 from fmnist_jax import steps as steps_lib
-from fmnist_jax.run import workdir as workdir_lib
+from fmnist_jax.data import batches
 from fmnist_jax.errors import UserError
-from fmnist_jax.config import validate_config
+from fmnist_jax.plan import ModelSpec, OptimizerSpec, RunPlan
+from fmnist_jax.run import checkpoint
+from fmnist_jax.run import outputs
+from fmnist_jax.run import workdir as workdir_lib
 
 
-def how_to_train(workdir: str) -> str:
-  return (f'train one with: python -m fmnist_jax.train --config configs/base.py '
-          f'--workdir {workdir}')
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """A trained run as read from its workdir: its config, model and parameters, and the step of the
+  checkpoint they come from (`finished`: the run's last step)."""
+  config: Any
+  model: ModelSpec
+  graphdef: Any
+  params: Any
+  step: int
+  finished: bool
+
+  def probs(self, images: np.ndarray) -> np.ndarray:
+    """Class probabilities [N, 10] for uint8 images [N, 28, 28]."""
+    return predict_probs(self.model, self.graphdef, self.params, images)
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's config.json, validated like a config given on the command line."""
-  path = workdir_lib.path(workdir, workdir_lib.CONFIG)
-  fix = f'delete it and {how_to_train(workdir)} (the checkpoints are kept and resumed)'
-  saved = workdir_lib.read_json(path, fix)
-  try:
-    config = ml_collections.ConfigDict(saved)
-    validate_config(config)
-    return config
-  except UserError as e:
-    raise workdir_lib.WorkdirError(f'{path} holds a bad value ({e}); {fix}.') from None
-  except (ValueError, KeyError, TypeError, AttributeError) as e:
-    raise workdir_lib.WorkdirError(f'{path} is not a config this version can use ({e}); '
-                                   f'{fix}.') from None
-
-
-def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, Any, Any]:
-  """Returns (config, graphdef, params) of the newest good checkpoint in `workdir`, read-only.
+def load_trained(workdir: str) -> Trained:
+  """The newest good checkpoint in `workdir`, read-only.
 
   Raises UserError saying how to train when there is no usable trained run.
   """
   workdir_lib.check_local(workdir)
   if not os.path.isdir(workdir):
-    raise UserError(f'workdir {workdir} does not exist; {how_to_train(workdir)}.')
-  config_path = workdir_lib.path(workdir, workdir_lib.CONFIG)
-  if not os.path.isfile(config_path) or not os.path.isdir(
-      workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)):
+    raise UserError(f'workdir {workdir} does not exist; {outputs.how_to_train(workdir)}.')
+  if not all(os.path.exists(workdir_lib.path(workdir, name))
+             for name in (workdir_lib.CONFIG, workdir_lib.CHECKPOINTS)):
     raise UserError(f'{workdir} holds no trained run ({workdir_lib.CONFIG} or '
-                    f'{workdir_lib.CHECKPOINTS}/ missing); {how_to_train(workdir)}.')
-  config = load_config(workdir)
-  graphdef, template = steps_lib.init_state(config)
+                    f'{workdir_lib.CHECKPOINTS}/ missing); {outputs.how_to_train(workdir)}.')
+  config = outputs.read_config(workdir)
+  model = ModelSpec.from_config(config)
+  graphdef, template = steps_lib.init_state(model, OptimizerSpec.from_config(config), config.seed)
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     restored = ckpt.restore(template)
   finally:
     ckpt.close()
   if restored is None:
-    raise UserError(f'{workdir} has no checkpoint yet; {how_to_train(workdir)}.')
-  return config, graphdef, restored[0].params
+    raise UserError(f'{workdir} has no checkpoint yet; {outputs.how_to_train(workdir)}.')
+  step = int(restored[0].step)
+  total = RunPlan.create(config, NUM_TRAIN, NUM_TEST, 1).total_steps
+  return Trained(config, model, graphdef, restored[0].params, step, step >= total)
 
 
-def predict_probs(config, graphdef, params, images: np.ndarray,
+def describe(trained: Trained, workdir: str) -> str:
+  """'the checkpoint at step 938 of workdirs/base (finished)' or '... (unfinished: 1,000 of
+  9,375 steps)': which parameters a prediction uses."""
+  total = RunPlan.create(trained.config, NUM_TRAIN, NUM_TEST, 1).total_steps
+  state = 'finished' if trained.finished else f'unfinished: {trained.step:,} of {total:,} steps'
+  return f'the checkpoint at step {trained.step} of {workdir} ({state})'
+
+
+def predict_probs(model: ModelSpec, graphdef, params, images: np.ndarray,
                   batch_size: int = 1000) -> np.ndarray:
   """Class probabilities [N, 10] for uint8 images [N, 28, 28] (mean over models if several)."""
-  probs_fn = jax.jit(make_probs_fn(config, graphdef))
+  probs_fn = jax.jit(make_probs_fn(model, graphdef))
   n = len(images)
   batch_size = min(batch_size, max(n, 1))
-  padded = np.concatenate([images, np.zeros((-n % batch_size,) + images.shape[1:], np.uint8)])
+  padded = batches.pad_batch({'image': images}, -(-n // batch_size) * batch_size)['image']
   out = [np.asarray(probs_fn(params, padded[i:i + batch_size]))
          for i in range(0, len(padded), batch_size)]
   return np.concatenate(out)[:n]
 
 
-def make_probs_fn(config, graphdef):
+def make_probs_fn(model: ModelSpec, graphdef):
   """probs(params, uint8 images [B, 28, 28]) -> [B, 10]: softmax, averaged over models if several."""
-  logits_fn = steps_lib.make_steps(config, graphdef).logits
-  if config.num_models > 1:
+  def logits_fn(params, images):
+    return model_lib.apply(graphdef, params, images, jnp.dtype(model.compute_dtype))
+  if model.num_models > 1:
     logits_fn = jax.vmap(logits_fn, in_axes=(0, None))
 
   def probs_fn(params, images):
     probs = jax.nn.softmax(logits_fn(params, images), axis=-1)
-    return probs.mean(axis=0) if config.num_models > 1 else probs
+    return probs.mean(axis=0) if model.num_models > 1 else probs
 
   return probs_fn
 

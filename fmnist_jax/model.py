@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fmnist_jax import IMAGE_PIXELS
+from fmnist_jax.plan import ModelSpec
 # flax >= 0.12 needs nnx.List for a list of submodules; flax 0.11 (Colab's) has none and takes a list.
 _ModuleList = getattr(nnx, 'List', list)
 
@@ -21,7 +22,7 @@ class MLP(nnx.Module):
     sizes = (IMAGE_PIXELS, *hidden_sizes)
     init = nnx.initializers.glorot_uniform()  # Keras's Dense default; Flax's is lecun_normal.
     self.hidden = _ModuleList([nnx.Linear(i, o, kernel_init=init, rngs=rngs)
-                            for i, o in zip(sizes[:-1], sizes[1:])])
+                               for i, o in zip(sizes[:-1], sizes[1:])])
     self.out = nnx.Linear(sizes[-1], num_classes, kernel_init=init, rngs=rngs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -31,19 +32,15 @@ class MLP(nnx.Module):
     return self.out(x)
 
 
-def _build(config, seed: int) -> MLP:
-  """The configured model (validated by fmnist_jax.config)."""
-  return MLP(tuple(config.hidden_sizes), config.num_classes, rngs=nnx.Rngs(seed))
+def create(spec: ModelSpec, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
+  """Builds one model; returns (graphdef, params)."""
+  return nnx.split(MLP(spec.hidden_sizes, spec.num_classes, rngs=nnx.Rngs(seed)), nnx.Param)
 
 
-def create(config, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
-  """Builds the configured model; returns (graphdef, params)."""
-  return nnx.split(_build(config, seed), nnx.Param)
-
-
-def graphdef(config) -> nnx.GraphDef:
+def graphdef(spec: ModelSpec) -> nnx.GraphDef:
   """The graph definition `create` returns, without creating any array (an abstract model)."""
-  return nnx.split(nnx.eval_shape(lambda: _build(config, 0)), nnx.Param)[0]
+  abstract = nnx.eval_shape(lambda: MLP(spec.hidden_sizes, spec.num_classes, rngs=nnx.Rngs(0)))
+  return nnx.split(abstract, nnx.Param)[0]
 
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, images: jax.Array,

@@ -1,20 +1,54 @@
-"""The run plan: every count a run derives from its config and data, computed once, immutable."""
+"""The values a run is built from, derived once from its config, immutable: the model's shape, the
+optimizer's numbers, and the run plan (steps, epochs, batches, where the host checks the run).
+
+The core (model, steps, programs, inference) takes these, never the config itself.
+"""
 
 import dataclasses
 
 
 @dataclasses.dataclass(frozen=True)
-class RunPlan:
-  """Steps, epochs and stops of one run.
+class ModelSpec:
+  """The model's shape and how it computes."""
+  hidden_sizes: tuple[int, ...]
+  num_classes: int
+  num_models: int  # Trained at once with jax.vmap; model k is initialised with seed + k.
+  compute_dtype: str  # bfloat16 computes in bf16 and keeps float32 parameters.
 
-  A stop is where the host checks the run (divergence, signals, progress, checkpoints): at an
-  epoch end, every `check_every_steps` steps into an epoch, and every `checkpoint_every_steps`
-  global steps. Between two stops the steps run in compiled chunks without the host.
+  @classmethod
+  def from_config(cls, config) -> 'ModelSpec':
+    return cls(tuple(config.hidden_sizes), config.num_classes, config.num_models,
+               config.compute_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """Adam's numbers, with one learning rate per model."""
+  learning_rates: tuple[float, ...]
+  b1: float
+  b2: float
+  eps: float
+
+  @classmethod
+  def from_config(cls, config) -> 'OptimizerSpec':
+    """`learning_rates` when given (one per model), else `learning_rate` for every model."""
+    rates = tuple(config.learning_rates) or (config.learning_rate,) * config.num_models
+    return cls(rates, config.b1, config.b2, config.eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """Steps, epochs and check points of one run.
+
+  A check point is where the host checks the run (divergence, signals, progress, checkpoints):
+  at an epoch end, every `check_every_steps` steps into an epoch, and every
+  `checkpoint_every_steps` global steps. Between two the steps run in compiled chunks alone.
   """
   num_train: int
   num_test: int
+  input_mode: str  # Where the data lives: 'device', or streamed from the host ('stream', 'tfds').
   batch_size: int
-  eval_batch_size: int  # Rounded up to a multiple of the device count.
+  eval_batch_size: int  # At most the test split, rounded up to a multiple of the device count.
   num_epochs: int
   check_every_steps: int  # 0 = once per epoch.
   checkpoint_every_steps: int  # 0 = only at epoch ends.
@@ -23,8 +57,10 @@ class RunPlan:
 
   @classmethod
   def create(cls, config, num_train: int, num_test: int, device_count: int) -> 'RunPlan':
-    return cls(num_train=num_train, num_test=num_test, batch_size=config.batch_size,
-               eval_batch_size=-(-config.eval_batch_size // device_count) * device_count,
+    return cls(num_train=num_train, num_test=num_test, input_mode=config.input_mode,
+               batch_size=config.batch_size,
+               eval_batch_size=-(-min(config.eval_batch_size, num_test) // device_count)
+               * device_count,
                num_epochs=config.num_epochs, check_every_steps=config.check_every_steps,
                checkpoint_every_steps=config.checkpoint_every_steps,
                stream_batches=config.stream_chunk_steps)
@@ -43,13 +79,13 @@ class RunPlan:
     return self.steps_per_epoch * self.num_epochs
 
   @property
-  def test_batches(self) -> int:
+  def num_test_batches(self) -> int:
     return -(-self.num_test // self.eval_batch_size)
 
   def with_profile_window(self, first_step: int, profile_steps: int) -> 'RunPlan':
     """The plan with `profile_steps` steady-state steps traced: the window starts that many steps
     after this run's first step (the programs warm, the first chunk done) and ends at the last
-    step at the latest. Its edges are stops, which change no number."""
+    step at the latest. Its edges are check points, which change no number."""
     if not profile_steps:
       return self
     start = min(first_step + profile_steps, self.total_steps - 1)
@@ -60,19 +96,19 @@ class RunPlan:
     """The 0-based epoch that global step `step` (the next one to run) belongs to."""
     return step // self.steps_per_epoch
 
-  def next_stop(self, step: int) -> int:
-    """The first stop after `step`."""
+  def next_check(self, step: int) -> int:
+    """The first check point after `step`."""
     spe = self.steps_per_epoch
     epoch_start = step // spe * spe
-    stops = [epoch_start + spe]
+    checks = [epoch_start + spe]
     if self.check_every_steps:
       every = self.check_every_steps
-      stops.append(epoch_start + ((step - epoch_start) // every + 1) * every)
+      checks.append(epoch_start + ((step - epoch_start) // every + 1) * every)
     if self.checkpoint_every_steps:
       every = self.checkpoint_every_steps
-      stops.append((step // every + 1) * every)
-    stops += [s for s in self.profile_window or () if s > step]
-    return min(stops)
+      checks.append((step // every + 1) * every)
+    checks += [s for s in self.profile_window or () if s > step]
+    return min(checks)
 
   def checkpoint_due(self, step: int) -> bool:
     """Whether a checkpoint is saved after `step` steps (epoch ends are saved separately)."""

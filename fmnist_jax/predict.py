@@ -11,6 +11,10 @@ fmnist_jax.plots for the figures. Nothing here changes
 the workdir's training files: checkpoints are opened read-only.
 """
 
+from fmnist_jax.run import signals
+signals.install()  # Ctrl-C and SIGTERM stop the command cleanly from here on (run/signals.py).
+# pylint: disable=g-import-not-at-top,wrong-import-position
+
 import json
 import os
 import re
@@ -45,12 +49,13 @@ def evaluate_test_set(workdir: str, index: int = 0, figures_dir: str | None = ''
   `figures_dir`: '' = <workdir>/figures, None = no figures.
   """
   from fmnist_jax import inference  # pylint: disable=g-import-not-at-top  (JAX)
-  config, graphdef, params = inference.load_trained(workdir)
+  trained = _load(workdir)
+  config = trained.config
   test = data.load(config.data)['test']
   if not 0 <= index < len(test['label']):  # Checked before the predictions are computed.
     raise UserError(f'--index={index} is outside the test set (0-{len(test["label"]) - 1}).')
   images, labels = test['image'], test['label']
-  probs = inference.predict_probs(config, graphdef, params, images)
+  probs = trained.probs(images)
   predicted = probs.argmax(axis=1)
   matrix = inference.confusion_matrix(labels, predicted)
   table = inference.per_class_table(matrix)
@@ -104,8 +109,7 @@ def classify_files(workdir: str, paths: list[str], as_json: bool = False,
                    figures_dir: str | None = '') -> int:
   """Prints the top-3 classes of each image file and draws what the model saw; returns the number
   of files that failed (each told in one line, the others still classified)."""
-  from fmnist_jax import inference  # pylint: disable=g-import-not-at-top  (JAX)
-  config, graphdef, params = inference.load_trained(workdir)
+  trained = _load(workdir)
   loaded, failures = [], []
   for path in paths:
     try:
@@ -115,7 +119,7 @@ def classify_files(workdir: str, paths: list[str], as_json: bool = False,
       print(f'error: {_one_line(str(e))}', file=sys.stderr, flush=True)
   results = []
   if loaded:
-    probs = inference.predict_probs(config, graphdef, params, np.stack([c for _, _, c in loaded]))
+    probs = trained.probs(np.stack([c for _, _, c in loaded]))
     out = workdir_lib.figures_folder(workdir, figures_dir)
     if out:
       from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
@@ -144,11 +148,10 @@ def robustness_report(workdir: str, num_images: int = 300, figures_dir: str | No
                       as_json: bool = False) -> dict:
   """Accuracy on test images turned into photos, per family, beside the untouched accuracy."""
   from fmnist_jax.photos import robustness  # pylint: disable=g-import-not-at-top
-  from fmnist_jax import inference  # pylint: disable=g-import-not-at-top  (JAX)
-  config, graphdef, params = inference.load_trained(workdir)
-  test = data.load(config.data)['test']
-  results = robustness.evaluate(lambda x: inference.predict_probs(config, graphdef, params, x),
-                                test['image'], test['label'], n_per_family=num_images)
+  trained = _load(workdir)
+  test = data.load(trained.config.data)['test']
+  results = robustness.evaluate(trained.probs, test['image'], test['label'],
+                                n_per_family=num_images)
   report = {'families': results, 'untouched_accuracy': results['untouched']['accuracy']}
   out = workdir_lib.figures_folder(workdir, figures_dir)
   if out:
@@ -167,6 +170,16 @@ def robustness_report(workdir: str, num_images: int = 300, figures_dir: str | No
   if 'figure' in report:
     print(f'wrote {report["figure"]}')
   return report
+
+
+def _load(workdir: str):
+  """The trained run, saying on stderr which checkpoint an unfinished run's predictions use."""
+  from fmnist_jax import inference  # pylint: disable=g-import-not-at-top  (JAX)
+  trained = inference.load_trained(workdir)
+  if not trained.finished:
+    print(f'note: predicting with {inference.describe(trained, workdir)}.', file=sys.stderr,
+          flush=True)
+  return trained
 
 
 def _one_line(text: str) -> str:

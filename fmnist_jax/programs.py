@@ -1,8 +1,8 @@
 """The compiled programs of a run, built in one place: the trainer runs them, the export lowers them
 and the TPU/GPU checks compile them for chips this machine does not have.
 
-    progs = programs(config, mesh, plan)       # {name: Program}, nothing traced yet
-    compiled = compile_all(progs)              # ahead of time, timed, through JAX's cache
+    progs = build(model, optimizer, plan, mesh)      # {name: Program}, nothing traced yet
+    compiled = compile_all(progs)                    # ahead of time, timed, through JAX's cache
 
 Names: 'train_chunk' (many fused steps over batches [S, B, ...]: the shuffled epoch in the device
 mode, a host chunk [K, B, ...] in the stream and tfds modes; XLA's cost analysis counts its loop
@@ -28,7 +28,9 @@ from fmnist_jax import distributed
 from fmnist_jax import inference
 from fmnist_jax import model as model_lib
 from fmnist_jax import steps as steps_lib
-from fmnist_jax.plan import RunPlan
+from fmnist_jax.hardware import targets
+from fmnist_jax.run import signals
+from fmnist_jax.plan import ModelSpec, OptimizerSpec, RunPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +60,16 @@ def _batches(mesh, steps: int, batch: int, flat: bool = False) -> dict:
           'mask': _spec(lead + (batch,), jnp.float32, sharding)}
 
 
-def programs(config, mesh, plan: RunPlan, graphdef=None) -> dict[str, Program]:
-  """Every program the trainer runs for `config` on `mesh`, with its argument specs."""
-  graphdef = graphdef if graphdef is not None else model_lib.graphdef(config)
-  steps = steps_lib.make_steps(config, graphdef)
+def build(model: ModelSpec, optimizer: OptimizerSpec, plan: RunPlan, mesh,
+          graphdef=None) -> dict[str, Program]:
+  """Every program the trainer runs on `mesh`, with its argument specs."""
+  graphdef = graphdef if graphdef is not None else model_lib.graphdef(model)
+  steps = steps_lib.make_steps(model, optimizer, graphdef)
   repl, rows = distributed.replicated(mesh), distributed.batch_sharded(mesh, 1)
-  state = jax.tree.map(lambda a: _spec(a.shape, a.dtype, repl), steps_lib.abstract_state(config))
+  state = _state(model, optimizer, repl)
   scalar = _spec((), jnp.int32, repl)
-  b = config.batch_size
-  if config.input_mode == 'device':  # The shuffled epoch, flat images (a faster gather).
+  b = plan.batch_size
+  if plan.input_mode == 'device':  # The shuffled epoch, flat images (a faster gather).
     data = _batches(mesh, plan.steps_per_epoch, b, flat=True)
   else:  # A host chunk.
     data = _batches(mesh, plan.stream_chunk_steps, b)
@@ -75,18 +78,31 @@ def programs(config, mesh, plan: RunPlan, graphdef=None) -> dict[str, Program]:
       'train_chunk': Program(jax.jit(steps.train_chunk, donate_argnums=0),
                              (state, data, scalar, scalar), donated=True),
       'evaluate': Program(jax.jit(steps.evaluate),
-                          (state.params, _batches(mesh, plan.test_batches, plan.eval_batch_size))),
-      'predict': Program(jax.jit(inference.make_probs_fn(config, graphdef)),
+                          (state.params, _batches(mesh, plan.num_test_batches, plan.eval_batch_size))),
+      'predict': Program(jax.jit(inference.make_probs_fn(model, graphdef)),
                          (state.params, _batches(mesh, 0, plan.eval_batch_size)['image'])),
       'finite': Program(jax.jit(steps_lib.params_finite), (state.params,)),
   }
-  if config.input_mode == 'device':
+  if plan.input_mode == 'device':
     dataset = distributed.dataset_sharding(mesh, plan.num_train)
     progs['shuffle'] = Program(
         jax.jit(steps_lib.shuffle, static_argnames='batch_size', out_shardings=rows),
         (state.rng, scalar, _spec((plan.num_train, IMAGE_PIXELS), jnp.uint8, dataset),
          _spec((plan.num_train,), jnp.int32, dataset)), {'batch_size': b})
   return progs
+
+
+def one_step(model: ModelSpec, optimizer: OptimizerSpec, plan: RunPlan, mesh) -> Program:
+  """One train step on one batch, for the hardware tools' estimates of a step (the trainer never
+  runs it: the chunk's cost also holds what a call pays once, e.g. laying out its data)."""
+  steps = steps_lib.make_steps(model, optimizer, model_lib.graphdef(model))
+  state = _state(model, optimizer, distributed.replicated(mesh))
+  return Program(jax.jit(steps.train_step), (state, _batches(mesh, 0, plan.batch_size)))
+
+
+def _state(model: ModelSpec, optimizer: OptimizerSpec, sharding):
+  return jax.tree.map(lambda a: _spec(a.shape, a.dtype, sharding),
+                      steps_lib.abstract_state(model, optimizer))
 
 
 # Compilation, timed, through JAX's persistent cache ----------------------------------------------
@@ -148,16 +164,33 @@ class Compiled:
     return self.programs[name]
 
 
-def compile_all(progs: dict[str, Program], names=None) -> Compiled:
-  """Compiles `names` (default: all) ahead of time, so compile time is kept apart from training."""
+def compile_all(progs: dict[str, Program], memory_limit: int | None = None) -> Compiled:
+  """Compiles the programs ahead of time, so compile time is kept apart from training; refuses in
+  one line, before anything runs, one that needs more than `memory_limit` bytes per device
+  (XLA's memory analysis: arguments such as the state and the resident data, outputs,
+  temporaries, code)."""
   before = dict(_EVENTS)
   start = time.perf_counter()
-  compiled = {name: progs[name].lower().compile() for name in (names or progs)}
+  compiled = {}
+  for name, program in progs.items():
+    compiled[name] = program.lower().compile()
+    signals.check()  # A signal that came while XLA compiled: nothing is written yet.
   seconds = time.perf_counter() - start
+  if memory_limit:
+    kind = jax.devices()[0].device_kind
+    targets.check_memory([{'topology': kind, 'program': name, 'memory_bytes': memory(c)}
+                          for name, c in compiled.items()], lambda _: memory_limit)
   requests, hits = (_EVENTS[k] - before[k] for k in (
       '/jax/compilation_cache/compile_requests_use_cache', '/jax/compilation_cache/cache_hits'))
   on = bool(getattr(jax.config, 'jax_compilation_cache_dir', None))
   return Compiled(compiled, seconds, (requests > 0 and hits == requests) if on else None)
+
+
+def memory(compiled) -> dict:
+  """XLA's memory analysis of a compiled program, in bytes per device."""
+  stats = compiled.memory_analysis()
+  return {'argument': stats.argument_size_in_bytes, 'output': stats.output_size_in_bytes,
+          'temp': stats.temp_size_in_bytes, 'generated_code': stats.generated_code_size_in_bytes}
 
 
 def cost(compiled) -> dict:

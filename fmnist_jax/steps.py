@@ -18,6 +18,8 @@ from flax import struct
 
 from fmnist_jax import metrics
 from fmnist_jax import model as model_lib
+from fmnist_jax.config import DATA_SEED_OFFSET
+from fmnist_jax.plan import ModelSpec, OptimizerSpec
 
 Batch = dict[str, jax.Array]  # {'image': uint8 [B, 28, 28], 'label': int32 [B], 'mask': f32 [B]}
 
@@ -35,52 +37,44 @@ class TrainState:
   first_nonfinite: jax.Array  # First step with a non-finite loss, or -1.
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
+def adam(optimizer: OptimizerSpec) -> optax.GradientTransformation:
   """optax's Adam without its last stage, the learning rate, which the step applies.
 
   `optax.adam(lr)` is `chain(scale_by_adam(), scale_by_learning_rate(lr))`; applying `-lr` in the
-  step instead gives the same numbers and lets vmapped models each have their own rate.
-  (`optax.inject_hyperparams` would do that too, but doubles the cost of the update on a CPU.)
+  step instead gives the same numbers and lets vmapped models each have their own rate
+  (`optax.inject_hyperparams` would too, but doubles the cost of the update on a CPU).
   """
-  return optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps)
+  return optax.scale_by_adam(b1=optimizer.b1, b2=optimizer.b2, eps=optimizer.eps)
 
 
-def model_learning_rates(config) -> tuple[float, ...]:
-  return tuple(config.learning_rates) or (config.learning_rate,) * config.num_models
-
-
-def init_state(config) -> tuple[Any, TrainState]:
-  """Builds (graphdef, state): model k is initialised with seed `config.seed + k`.
+def init_state(model: ModelSpec, optimizer: OptimizerSpec, seed: int) -> tuple[Any, TrainState]:
+  """Builds (graphdef, state): model k is initialised with seed `seed + k`.
 
   Jitted: one compiled program instead of dozens of eager operations, each dispatched and
   compiled on its own (a third of a second on a CPU).
   """
-  return model_lib.graphdef(config), jax.jit(lambda: _init_state(config)[1])()
+  return model_lib.graphdef(model), jax.jit(lambda: _init_state(model, optimizer, seed))()
 
 
-def abstract_state(config) -> TrainState:
+def abstract_state(model: ModelSpec, optimizer: OptimizerSpec) -> TrainState:
   """The train state's shapes and dtypes, without computing it."""
-  return jax.eval_shape(lambda: _init_state(config)[1])
+  return jax.eval_shape(lambda: _init_state(model, optimizer, 0))
 
 
-def _init_state(config) -> tuple[Any, TrainState]:
-  tx = make_optimizer(config)
-  graphdef, params = model_lib.create(config, config.seed)
-  if config.num_models > 1:
-    models = [params] + [model_lib.create(config, config.seed + k)[1]
-                         for k in range(1, config.num_models)]
-    params = jax.tree.map(lambda *p: jnp.stack(p), *models)
-    opt_state = jax.vmap(tx.init)(params)
-    per_model = (config.num_models,)
+def _init_state(model: ModelSpec, optimizer: OptimizerSpec, seed: int) -> TrainState:
+  tx = adam(optimizer)
+  params = [model_lib.create(model, seed + k)[1] for k in range(model.num_models)]
+  if model.num_models > 1:
+    params = jax.tree.map(lambda *p: jnp.stack(p), *params)
+    opt_state, per_model = jax.vmap(tx.init)(params), (model.num_models,)
   else:
-    opt_state = tx.init(params)
-    per_model = ()
-  state = TrainState(
-      step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(config.seed + 1_000_003),
+    params = params[0]
+    opt_state, per_model = tx.init(params), ()
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed + DATA_SEED_OFFSET),
       params=params, opt_state=opt_state, loss_sum=jnp.zeros(per_model, jnp.float32),
       correct=jnp.zeros(per_model, jnp.float32),
       count=jnp.zeros((), jnp.float32), first_nonfinite=jnp.full((), -1, jnp.int32))
-  return graphdef, state
 
 
 def shuffle(rng, epoch, images, labels, batch_size: int) -> Batch:
@@ -113,21 +107,22 @@ class Steps:
   logits: Callable[[Any, jax.Array], jax.Array]
 
 
-def make_steps(config, graphdef) -> Steps:
-  """Builds the step functions for `config` around the model's static graph definition."""
-  dtype = jnp.dtype(config.compute_dtype)
+def make_steps(model: ModelSpec, optimizer: OptimizerSpec, graphdef) -> Steps:
+  """Builds the step functions around the model's static graph definition."""
+  dtype = jnp.dtype(model.compute_dtype)
 
   def logits_fn(params, images):
     return model_lib.apply(graphdef, params, images, dtype)
 
-  train_step = _train_step_fn(config, logits_fn)
+  train_step = _train_step_fn(model.num_models, optimizer, logits_fn)
   return Steps(train_step=train_step, train_chunk=_train_chunk_fn(train_step),
-               evaluate=_evaluate_fn(config, logits_fn), logits=logits_fn)
+               evaluate=_evaluate_fn(model.num_models, logits_fn), logits=logits_fn)
 
 
-def _train_step_fn(config, logits_fn) -> Callable[[TrainState, Batch], TrainState]:
+def _train_step_fn(num_models: int, optimizer: OptimizerSpec,
+                   logits_fn) -> Callable[[TrainState, Batch], TrainState]:
   """One Adam step of every model on one batch, with the epoch's running sums."""
-  tx = make_optimizer(config)
+  tx = adam(optimizer)
 
   def model_step(params, opt_state, lr, batch):
     """One Adam step of one model; returns new params and state, loss and correct sums."""
@@ -144,11 +139,11 @@ def _train_step_fn(config, logits_fn) -> Callable[[TrainState, Batch], TrainStat
     return (params, opt_state, loss * n,
             metrics.correct_sum(logits, batch['label'], batch['mask']), jnp.isfinite(loss))
 
-  if config.num_models > 1:
+  if num_models > 1:
     model_step = jax.vmap(model_step, in_axes=(0, 0, 0, None))
-    lr = jnp.asarray(model_learning_rates(config), jnp.float32)
+    lr = jnp.asarray(optimizer.learning_rates, jnp.float32)
   else:
-    lr = config.learning_rate
+    lr = optimizer.learning_rates[0]
 
   def train_step(state: TrainState, batch: Batch) -> TrainState:
     params, opt_state, loss_sum, correct, finite = model_step(
@@ -182,8 +177,8 @@ def _train_chunk_fn(train_step) -> Callable[..., TrainState]:
   return train_chunk
 
 
-def _evaluate_fn(config, logits_fn) -> Callable[..., tuple[jax.Array, jax.Array]]:
-  multi = config.num_models > 1
+def _evaluate_fn(num_models: int, logits_fn) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  multi = num_models > 1
 
   def sums(p, batch):
     logits = logits_fn(p, batch['image'])
@@ -197,7 +192,7 @@ def _evaluate_fn(config, logits_fn) -> Callable[..., tuple[jax.Array, jax.Array]
     def body(carry, batch):
       loss, correct = sums(params, batch)
       return (carry[0] + loss, carry[1] + correct), None
-    zero = jnp.zeros((config.num_models,) if multi else (), jnp.float32)
+    zero = jnp.zeros((num_models,) if multi else (), jnp.float32)
     (loss, correct), _ = jax.lax.scan(body, (zero, zero), test)
     return loss, correct
 

@@ -99,11 +99,18 @@ def run_cli(*args, env=None, timeout=600, cwd=ROOT):
                         timeout=timeout, cwd=cwd, env=full_env)
 
 
+def initial_state(config):
+  """(graphdef, TrainState) of a new run of `config`, as the trainer builds it."""
+  from fmnist_jax import steps
+  from fmnist_jax.plan import ModelSpec, OptimizerSpec
+  return steps.init_state(ModelSpec.from_config(config), OptimizerSpec.from_config(config),
+                          config.seed)
+
+
 def restore_state(config, workdir):
   """(TrainState, record) of the newest readable checkpoint in `workdir`."""
-  from fmnist_jax import steps
   from fmnist_jax.run import checkpoint
-  _, template = steps.init_state(config)
+  _, template = initial_state(config)
   ckpt = checkpoint.Checkpointer(str(workdir), read_only=True)
   try:
     return ckpt.restore(template)

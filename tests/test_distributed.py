@@ -186,24 +186,40 @@ def test_many_models_at_once(one_device, config, tmp_path):
   assert per_model[0] == pytest.approx(one_device['test_accuracy'], abs=0.005)
 
 
-# Libraries' own messages, held back unless --verbosity asks for them.
+# Libraries' own messages, kept back by every command unless --verbosity asks for them.
 
-_FAKE_TPU = """
-import os, sys, types
-from absl import logging
-logging.set_verbosity(int(sys.argv[1]))
-import jax
-from fmnist_jax import distributed
-real = jax.default_backend
-def noisy():  # What libtpu prints from C++ on a machine without a TPU.
-  os.write(2, b'E0000 common_lib.cc:554] unexpected worker hostname\\n')
-  return real()
-jax.default_backend = noisy
-distributed._ACCELERATOR_PACKAGES = (('json', 'TPU'),)  # An installed module stands in for libtpu.
-config = types.SimpleNamespace(coordinator_address='', num_processes=0, process_id=-1)
-distributed.initialize(config)
-distributed.initialize(config)  # train.py and the trainer both call it: one line all the same.
-print(real())
+_NOISY_COMMAND = """
+import os, sys, time, types
+from fmnist_jax import cli, distributed
+
+def main(argv):
+  import jax
+  real = jax.default_backend
+  def noisy():  # What libtpu prints from C++ on a machine without a TPU.
+    os.write(2, b'E0000 common_lib.cc:554] unexpected worker hostname\\n')
+    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to '
+                b'STDERR\\n')
+    return real()
+  jax.default_backend = noisy
+  distributed._ACCELERATOR_PACKAGES = (('json', 'TPU'),)  # An installed module stands in for libtpu.
+  config = types.SimpleNamespace(coordinator_address='', num_processes=0, process_id=-1)
+  distributed.initialize(config)
+  distributed.initialize(config)  # train.py and the trainer both call it: one line all the same.
+  print('before', flush=True)
+  os.write(1, b'[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer '
+              b'ranks is : 1\\n')
+  for piece in (b'[Gloo] Rank ', b'[Gloo] Rank 3', b' is connected to 3 peer ranks. Expected '
+                b'number of connected peer ranks is : 3\\n2', b' is connected to 3 peer ranks. '
+                b'Expected number of connected peer ranks is : 3\\n'):
+    os.write(2, piece)  # Two threads' unbuffered pieces, interleaved.
+  print('Downloading and preparing dataset 29.45 MiB (download: 29.45 MiB) to /tmp/x...')
+  os.write(2, b'W1206 05:12:33.123456 1234 cuda_dnn.cc:45] a native warning\\n')
+  sys.stdout.write('progress 1\\r'); sys.stdout.flush(); time.sleep(0.2)
+  print('progress 2')
+  print(real())
+  print('error: one line', file=sys.stderr)
+
+cli.run(main)
 """
 
 
@@ -215,31 +231,16 @@ def _run(*args):
   return result
 
 
-def test_accelerator_messages_held_back_and_the_fallback_said_once():
-  quiet = _run(_FAKE_TPU, '-1')
-  assert quiet.stdout == 'cpu\n'
+def test_frameworks_are_quiet_unless_verbose():
+  """Every command keeps the frameworks' own lines back (libtpu's, Gloo's, even in pieces, XLA's,
+  tfds's banners) and passes its own, a progress bar's '\\r' included; --verbosity=0 shows all."""
+  quiet = _run(_NOISY_COMMAND)
+  assert quiet.stdout == 'before\nprogress 1\rprogress 2\ncpu\n'
   assert quiet.stderr.splitlines() == [
-      'warning: no TPU could be used; running on the CPU (--verbosity=0 shows why).']
-  loud = _run(_FAKE_TPU, '0')
-  assert 'unexpected worker hostname' in loud.stderr
-  assert 'warning: no TPU could be used; running on the CPU.' in loud.stderr
-
-
-def test_gloo_lines_are_dropped_and_the_rest_passes():
-  code = """
-import os, sys, time
-from fmnist_jax import distributed
-distributed._drop_gloo_lines()
-print('before', flush=True)
-os.write(1, b'[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\\n')
-for piece in (b'[Gloo] Rank ', b'[Gloo] Rank 3', b' is connected to 3 peer ranks. Expected number of '
-              b'connected peer ranks is : 3\\n2', b' is connected to 3 peer ranks. Expected number of '
-              b'connected peer ranks is : 3\\n'):
-  os.write(2, piece)  # Two threads' unbuffered pieces, interleaved.
-sys.stdout.write('progress 1\\r'); sys.stdout.flush(); time.sleep(0.2)
-print('progress 2')
-print('error: one line', file=sys.stderr)
-"""
-  result = _run(code)
-  assert result.stdout == 'before\nprogress 1\rprogress 2\n'
-  assert result.stderr == 'error: one line\n'
+      'warning: no TPU could be used; running on the CPU (--verbosity=0 shows why).',
+      'error: one line']
+  loud = _run(_NOISY_COMMAND, '--verbosity=0')
+  for line in ('unexpected worker hostname', 'is connected to 3 peer ranks', 'a native warning',
+               'warning: no TPU could be used'):
+    assert line in loud.stderr
+  assert 'Downloading and preparing dataset' in loud.stdout

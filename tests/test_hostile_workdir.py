@@ -26,7 +26,7 @@ from fmnist_jax import config as config_lib
 from fmnist_jax.run import workdir as workdir_lib
 from fmnist_jax.errors import UserError
 from fmnist_jax.run.workdir import WorkdirError
-from tests.conftest import ROOT, load_test_config, run_cli
+from tests.conftest import ROOT, initial_state, load_test_config, run_cli
 
 
 # Helpers -----------------------------------------------------------------------------------------
@@ -635,11 +635,10 @@ def test_each_learning_rate_is_checked():
 
 def test_the_largest_seed_accepted_initialises_the_run():
   """The limit is JAX's: the largest seed validate accepts initialises the run."""
-  from fmnist_jax import steps
   config = load_test_config()
   config.seed = config_lib.SEED_LIMIT - config_lib.DATA_SEED_OFFSET
   config_lib.validate_config(config)
-  steps.init_state(config)
+  initial_state(config)
   config.seed += 1
   with pytest.raises(UserError, match='must be an integer from 0 to'):
     config_lib.validate_config(config)

@@ -36,8 +36,7 @@ FLOORS = {
 @pytest.fixture(scope='module')
 def model(trained_workdir):
   """configs/test.py trained for its one epoch: a probs_fn for uint8 [N, 28, 28]."""
-  config, graphdef, params = inference.load_trained(str(trained_workdir))
-  return lambda x: inference.predict_probs(config, graphdef, params, x)
+  return inference.load_trained(str(trained_workdir)).probs
 
 
 def test_photo_families_meet_their_floors(model, arrays):

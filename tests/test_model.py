@@ -12,7 +12,7 @@ from fmnist_jax.errors import UserError
 
 
 def test_tutorial_parameter_count_and_shapes():
-  graphdef, params = model.create(config_lib.base(), seed=0)
+  graphdef, params = model.create(model.ModelSpec.from_config(config_lib.base()), seed=0)
   assert model.param_count(params) == 784 * 128 + 128 + 128 * 10 + 10 == 101_770
   logits = model.apply(graphdef, params, jnp.zeros((7, 28, 28), jnp.uint8))
   assert logits.shape == (7, 10) and logits.dtype == jnp.float32
@@ -21,12 +21,12 @@ def test_tutorial_parameter_count_and_shapes():
 def test_hidden_sizes_are_configurable():
   config = config_lib.base()
   config.hidden_sizes = (96, 48)
-  _, params = model.create(config, seed=0)
+  _, params = model.create(model.ModelSpec.from_config(config), seed=0)
   assert model.param_count(params) == 784 * 96 + 96 + 96 * 48 + 48 + 48 * 10 + 10
 
 
 def test_keras_initialisation():
-  _, params = model.create(config_lib.base(), seed=0)
+  _, params = model.create(model.ModelSpec.from_config(config_lib.base()), seed=0)
   kernel = np.asarray(params['hidden'][0]['kernel'][...])
   limit = math.sqrt(6 / (784 + 128))  # glorot_uniform
   assert np.abs(kernel).max() <= limit
@@ -36,8 +36,8 @@ def test_keras_initialisation():
 
 
 def test_seed_changes_initialisation():
-  _, a = model.create(config_lib.base(), seed=0)
-  _, b = model.create(config_lib.base(), seed=1)
+  _, a = model.create(model.ModelSpec.from_config(config_lib.base()), seed=0)
+  _, b = model.create(model.ModelSpec.from_config(config_lib.base()), seed=1)
   assert not np.array_equal(a['out']['kernel'][...], b['out']['kernel'][...])
 
 

@@ -127,8 +127,7 @@ def test_wide_light_photo_is_fitted_and_inverted(tmp_path):
 
 def test_classify_files_cli(workdir, picture_files, arrays, tmp_path):
   original, paths = picture_files
-  config, graphdef, params = inference.load_trained(str(workdir))
-  expected = int(inference.predict_probs(config, graphdef, params, original[None]).argmax())
+  expected = int(inference.load_trained(str(workdir)).probs(original[None]).argmax())
   not_image = tmp_path / 'notes.txt'
   not_image.write_text('not a picture')
   missing = tmp_path / 'missing.png'

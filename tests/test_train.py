@@ -1,7 +1,6 @@
 """End-to-end training on the real data (shrunk config), determinism, both input modes."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +8,9 @@ import numpy as np
 import pytest
 
 
-from fmnist_jax import loop, metrics, programs, steps
+from fmnist_jax import loop, metrics, programs
 from fmnist_jax.errors import DivergenceError, UserError
-from tests.conftest import load_test_config, restore_state
+from tests.conftest import initial_state, load_test_config, restore_state
 
 SUMMARY_KEYS = {'test_accuracy', 'test_loss', 'train_accuracy', 'train_loss', 'epochs', 'steps',
                 'batch_size', 'train_seconds', 'compile_seconds', 'data_seconds',
@@ -50,7 +49,7 @@ def test_checkpoint_holds_the_trained_state(device_run):
   state, record = restore_state(config, workdir)
   assert int(state.step) == 938 and record['step'] == 938
   assert record['history'][-1]['test_accuracy'] == summary['test_accuracy']
-  _, fresh = steps.init_state(config)
+  _, fresh = initial_state(config)
   assert not np.array_equal(state.params['out']['kernel'][...], fresh.params['out']['kernel'][...])
 
 
@@ -101,9 +100,9 @@ def _compiled_keys(monkeypatch) -> list:
   keys = []
   compile_all = programs.compile_all
 
-  def recording(progs, names=None):
-    keys.extend(names or progs)
-    return compile_all(progs, names)
+  def recording(progs, memory_limit=None):
+    keys.extend(progs)
+    return compile_all(progs, memory_limit)
   monkeypatch.setattr(programs, 'compile_all', recording)
   return keys
 
@@ -141,7 +140,7 @@ def test_absurd_learning_rate_diverges_without_checkpoint(config, tmp_path):
   config.learning_rate = 1e30
   with pytest.raises(DivergenceError, match='no checkpoint was written'):
     loop.train_and_evaluate(config, str(tmp_path))
-  assert not os.listdir(tmp_path / 'checkpoints')
+  assert not (tmp_path / 'checkpoints').exists()  # Nothing saved, not even the folder.
 
 
 def test_incompatible_checkpoint_names_the_fields(device_run, config):

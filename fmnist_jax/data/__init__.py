@@ -34,7 +34,6 @@ import zipfile
 
 import numpy as np
 
-from fmnist_jax import cli
 from fmnist_jax.data import idx
 from fmnist_jax.run import workdir as workdir_lib
 from fmnist_jax.errors import UserError
@@ -234,10 +233,10 @@ def _write_copy(root: str, version: str, arrays: Arrays) -> None:
 
 def import_tensorflow():
   """Imports TensorFlow with every GPU and TPU hidden from it, so it never takes their memory."""
-  if not cli.verbose():
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    # TensorFlow only decodes PNGs and batches here; its oneDNN kernels would only add a banner.
-    os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  # TensorFlow only decodes PNGs and batches here: its start-up lines (set the variable to see
+  # them) and its oneDNN kernels, which would only add a banner, are not wanted.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   for kind in ('GPU', 'TPU'):
     try:
@@ -306,8 +305,7 @@ def _prepare(root: str, data_config, verbose: bool, local: Arrays | None = None)
     if verbose:
       print(f'No local IDX files; asking tfds to download {DATASET}.', flush=True)
     try:
-      with _quiet_stdout():
-        builder.download_and_prepare()
+      builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except
       cause = ' '.join(str(e).split())
       raise DataError(f'Fashion-MNIST not found locally and tfds could not download it '
@@ -316,8 +314,7 @@ def _prepare(root: str, data_config, verbose: bool, local: Arrays | None = None)
   builder = tfds_builder(root, local or read_idx(source))
   if verbose:
     print(f'Preparing tfds {DATASET} {builder.version} from {source}.', flush=True)
-  with _quiet_stdout():  # tfds prints "Downloading and preparing ... Unknown size" banners.
-    builder.download_and_prepare(
+  builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
 
@@ -340,15 +337,6 @@ def _unreachable(url: str, timeout: float = 3.0) -> str | None:
   thread.start()
   thread.join(timeout)
   return answer[0] if answer else f'no answer within {timeout:g} s'
-
-
-@contextlib.contextmanager
-def _quiet_stdout():
-  if cli.verbose():
-    yield
-    return
-  with contextlib.redirect_stdout(io.StringIO()):
-    yield
 
 
 def _read_tfds(builder) -> Arrays:

@@ -155,8 +155,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-  """Pads a batch to `batch_size` rows and adds `mask` (1 real, 0 padding)."""
-  n = len(batch['label'])
+  """Pads a batch's arrays with zero rows to `batch_size` rows and adds `mask` (1 real, 0
+  padding): the host's one way to fill a last batch, never dropping an example."""
+  n = len(next(iter(batch.values())))
   if n == batch_size:  # Every batch but the last: no copies.
     return {**batch, 'mask': np.ones(batch_size, np.float32)}
   out = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])

@@ -7,14 +7,12 @@ bytes. `check` writes tpu_compile.json / gpu_compile.json, one record per target
 prints a table, and fails in one line when a program does not fit its device's memory.
 """
 
-import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import time
 
-from fmnist_jax import cli
 from fmnist_jax import config as config_lib
 from fmnist_jax.errors import UserError
 from fmnist_jax.hardware import targets
@@ -29,17 +27,6 @@ def steps_covered(name: str) -> int:
   """How many train steps a program's cost-analysis numbers cover: XLA counts a loop's body once,
   and the chunk's body (steps.train_chunk) is one step."""
   return 1 if name in ('train_chunk', 'stream_chunk') else 0
-
-
-@contextlib.contextmanager
-def native_stderr(show: bool):
-  """Holds back what native code writes to stderr in the block (libtpu warns that this machine has
-  no TPU before its log settings apply, so TPU_MIN_LOG_LEVEL cannot hide it); replays it if show,
-  also when the block fails (a refused program's one-line error stands alone otherwise)."""
-  with cli.held_stderr(show_on_failure=show) as held:
-    yield
-  if show:
-    os.write(2, held)
 
 
 def _first_line(error: Exception) -> str:
@@ -93,12 +80,6 @@ def _compile(program, name: str = '', where: str = ''):
   return compiled, time.perf_counter() - start
 
 
-def _memory(compiled) -> dict:
-  stats = compiled.memory_analysis()
-  return {'argument': stats.argument_size_in_bytes, 'output': stats.output_size_in_bytes,
-          'temp': stats.temp_size_in_bytes, 'generated_code': stats.generated_code_size_in_bytes}
-
-
 def _record(topology: str, devices: int, program: str, seconds: float, memory: dict, flops,
             bytes_accessed, estimated, steps: int) -> dict:
   return {'topology': topology, 'devices': devices, 'program': program,
@@ -122,7 +103,7 @@ def compile_tpu(config, target: targets.TpuTarget, stream_chunk: bool = True, na
   for name, program in dataset_programs(config, mesh, stream_chunk, names).items():
     compiled, seconds = _compile(program, name, target.name)
     cost = programs.cost(compiled)
-    records.append(_record(target.name, len(devices), name, seconds, _memory(compiled),
+    records.append(_record(target.name, len(devices), name, seconds, programs.memory(compiled),
                            cost.get('flops'), cost.get('bytes accessed'),
                            cost.get('optimal_seconds'), steps_covered(name)))
     log(f'compile: {name} for {target.name} with XLA:TPU in {seconds:.1f} s')
@@ -147,7 +128,7 @@ def compile_gpu(config, gpu: targets.GpuTarget, count: int, stream_chunk: bool =
     flops, bytes_accessed = cost.get('flops'), cost.get('bytes accessed')
     bound = (targets.gpu_roofline(gpu, config.compute_dtype, flops, bytes_accessed)
              if flops is not None and bytes_accessed is not None else None)
-    records.append(_record(gpu.name, count, name, seconds, _memory(compiled), flops,
+    records.append(_record(gpu.name, count, name, seconds, programs.memory(compiled), flops,
                            bytes_accessed, bound, steps_covered(name)))
     log(f'compile: {name} for {count} x {gpu.name} with XLA:GPU in {seconds:.1f} s')
   return records
@@ -203,7 +184,7 @@ def gpu_capacity(record: dict) -> int:
 
 
 def check(config, tpus, gpus, out: str, stream_chunk: bool = True,
-                  show_native_logs: bool = False, log=print) -> dict[str, list[dict]]:
+          log=print) -> dict[str, list[dict]]:
   """Compiles for every TPU topology and GPU named, writes OUT/tpu_compile.json and
   OUT/gpu_compile.json, prints their tables, then fails if a program does not fit its device."""
   tpu_targets = [targets.parse_tpu(t) for t in tpus]
@@ -222,13 +203,12 @@ def check(config, tpus, gpus, out: str, stream_chunk: bool = True,
     if not named:
       continue
     records = []
-    with native_stderr(show_native_logs):
-      for target in named:
-        if kind == 'tpu':
-          records += compile_tpu(config, target, stream_chunk, log=log)
-        else:
-          for count in target.machine_sizes:
-            records += compile_gpu(config, target, count, stream_chunk, log=log)
+    for target in named:
+      if kind == 'tpu':
+        records += compile_tpu(config, target, stream_chunk, log=log)
+      else:
+        for count in target.machine_sizes:
+          records += compile_gpu(config, target, count, stream_chunk, log=log)
     with open(os.path.join(out, file), 'w') as f:
       json.dump(records, f, indent=1)
     log(format_table(records, kind, capacity))

@@ -7,13 +7,14 @@ program for that platform; compiling it needs the hardware (or compile_check's c
 JAX is imported inside the functions: the host device count in XLA_FLAGS must be set first.
 """
 
-import copy
+import dataclasses
 import os
 import sys
 
 from fmnist_jax import IMAGE_SIZE
 from fmnist_jax import config as config_lib
 from fmnist_jax.errors import UserError
+from fmnist_jax.run import workdir as workdir_lib
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 SUFFIX = '.jaxexport'
@@ -40,22 +41,26 @@ def cpu_devices(count: int) -> list:
   return devices[:count]
 
 
-# The programs compiled, in this order: the trainer's own and the stream and tfds modes' chunk,
-# which takes host batches [K, B, 28, 28] instead.
-COMPILED = ('train_chunk', 'stream_chunk', 'shuffle', 'evaluate', 'predict', 'finite')
+# The programs compiled, in this order: the trainer's own, the stream and tfds modes' chunk (host
+# batches [K, B, 28, 28]), and one step alone, whose cost is a step's (the chunk's also holds
+# what each call pays once, e.g. laying out the epoch's data on a TPU).
+COMPILED = ('train_chunk', 'stream_chunk', 'train_step', 'shuffle', 'evaluate', 'predict',
+            'finite')
 
 
 def dataset_programs(config, mesh, stream_chunk: bool = True, names=None) -> dict:
-  """{name: programs.Program} of COMPILED (or `names`) on `mesh`, as the trainer builds them."""
+  """{name: programs.Program} of COMPILED (or `names`) on `mesh`, built as the trainer builds
+  them for the full Fashion-MNIST splits; 'train_step' is one step alone, for estimates."""
   from fmnist_jax import NUM_TEST, NUM_TRAIN  # pylint: disable=g-import-not-at-top
   from fmnist_jax import programs  # pylint: disable=g-import-not-at-top  (imports JAX)
-  from fmnist_jax.plan import RunPlan  # pylint: disable=g-import-not-at-top
+  from fmnist_jax.plan import ModelSpec, OptimizerSpec, RunPlan  # pylint: disable=g-import-not-at-top
   plan = RunPlan.create(config, NUM_TRAIN, NUM_TEST, mesh.size)
-  progs = programs.programs(config, mesh, plan)
-  if stream_chunk and config.input_mode == 'device':
-    stream = copy.deepcopy(config)
-    stream.input_mode = 'stream'
-    progs['stream_chunk'] = programs.programs(stream, mesh, plan)['train_chunk']
+  model, optimizer = ModelSpec.from_config(config), OptimizerSpec.from_config(config)
+  progs = programs.build(model, optimizer, plan, mesh)
+  progs['train_step'] = programs.one_step(model, optimizer, plan, mesh)
+  if stream_chunk and plan.input_mode == 'device':
+    stream = dataclasses.replace(plan, input_mode='stream')
+    progs['stream_chunk'] = programs.build(model, optimizer, stream, mesh)['train_chunk']
   return {name: progs[name] for name in names or COMPILED if name in progs}
 
 
@@ -68,11 +73,11 @@ def training_programs(config, mesh) -> dict:
   return dataset_programs(config, mesh, stream_chunk=False, names=EXPORTED)
 
 
-def predict_function(config, graphdef, params):
+def predict_function(model, graphdef, params):
   """uint8 images [b, 28, 28] -> probabilities [b, 10], the parameters closed over as constants:
   fmnist_jax.inference's computation (mean over models if several)."""
   from fmnist_jax import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
-  probs_fn = inference.make_probs_fn(config, graphdef)
+  probs_fn = inference.make_probs_fn(model, graphdef)
   return lambda images: probs_fn(params, images)
 
 
@@ -92,7 +97,7 @@ def export_flat(program, platforms):
   return export.export(jax.jit(flat, donate_argnums=donate), platforms=platforms)(*leaves)
 
 
-def export_predict(config, graphdef, params, platforms, mesh):
+def export_predict(model, graphdef, params, platforms, mesh):
   """The predict function exported for `platforms` with a symbolic batch, sharded over `mesh`."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -102,7 +107,7 @@ def export_predict(config, graphdef, params, platforms, mesh):
   rows = distributed.batch_sharded(mesh)
   # With several devices the batch must split evenly: b = devices * k.
   batch = export.symbolic_shape('b' if mesh.size == 1 else f'{mesh.size}*k')[0]
-  fn = jax.jit(predict_function(config, graphdef, params), in_shardings=rows, out_shardings=rows)
+  fn = jax.jit(predict_function(model, graphdef, params), in_shardings=rows, out_shardings=rows)
   return export.export(fn, platforms=platforms)(
       jax.ShapeDtypeStruct((batch, IMAGE_SIZE, IMAGE_SIZE), jnp.uint8, sharding=rows))
 
@@ -119,20 +124,21 @@ def export_all(config, platforms, devices: int, out: str, workdir: str | None = 
   import jax  # pylint: disable=g-import-not-at-top
   from fmnist_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from fmnist_jax.distributed import make_mesh  # pylint: disable=g-import-not-at-top
+  from fmnist_jax.plan import ModelSpec, OptimizerSpec  # pylint: disable=g-import-not-at-top
   unknown = sorted(set(platforms) - set(PLATFORMS))
   if unknown or not platforms:
     raise UserError(f'unknown --platforms {",".join(unknown)}; choose from {",".join(PLATFORMS)}.')
   if devices < 1:
     raise UserError(f'--devices must be at least 1, not {devices}.')
   config_lib.check_divisible(config.batch_size, devices, f'--devices={devices}')
+  out = workdir_lib.check_writable(out, 'output folder', 'choose another --out')
   if workdir:
-    from fmnist_jax import inference  # pylint: disable=g-import-not-at-top
-    predict_config, graphdef, params = inference.load_trained(workdir)
+    trained = _trained(workdir, config, log)
+    model, graphdef, params = trained.model, trained.graphdef, trained.params
   else:
-    predict_config = config
-    graphdef, state = steps_lib.init_state(config)
+    model = ModelSpec.from_config(config)
+    graphdef, state = steps_lib.init_state(model, OptimizerSpec.from_config(config), config.seed)
     params = state.params
-  os.makedirs(out, exist_ok=True)
   paths = []
 
   def write(name, platform, n, exported, skip=0, label=''):
@@ -155,5 +161,17 @@ def export_all(config, platforms, devices: int, out: str, workdir: str | None = 
               label)
     serve_platforms = tuple(dict.fromkeys(('cpu', *platforms)))
     write('predict', '_'.join(serve_platforms), n,
-          export_predict(predict_config, graphdef, params, serve_platforms, mesh))
+          export_predict(model, graphdef, params, serve_platforms, mesh))
   return paths
+
+
+def _trained(workdir: str, config, log):
+  """The trained run whose parameters the predict export bakes in, saying which checkpoint, and
+  whether the run was trained with another config than --config (its own is used)."""
+  from fmnist_jax import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
+  trained = inference.load_trained(workdir)
+  log(f'export: predict bakes in {inference.describe(trained, workdir)}.')
+  if config_lib.resume_fingerprint(trained.config) != config_lib.resume_fingerprint(config):
+    log(f'note: {workdir} was trained with another config than --config; the predict export '
+        'uses the run\'s own (its config.json), the training programs --config.')
+  return trained

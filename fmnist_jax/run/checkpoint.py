@@ -110,7 +110,8 @@ class Checkpointer:
     self.read_only = read_only
     self._log = log  # Where "damaged, trying an earlier one" goes.
     options = ocp.CheckpointManagerOptions(
-        read_only=read_only, create=not read_only, max_to_keep=None if read_only else max_to_keep,
+        # Created by the first save, not here: a run stopped before its first step writes nothing.
+        read_only=read_only, create=False, max_to_keep=None if read_only else max_to_keep,
         enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only)
     for attempt in range(3):
       try:
@@ -124,6 +125,7 @@ class Checkpointer:
   def save(self, state, record: dict) -> None:
     """Starts saving: the arrays are copied to the host now and written in the background."""
     self.wait()  # The previous save's room is taken before this one's is measured.
+    os.makedirs(self.directory, exist_ok=True)
     _check_room(self.directory, state)
     record = dict(record, checksum=checksum(state, record))
     self._manager.save(int(record['step']), force=True, args=ocp.args.Composite(

@@ -9,11 +9,17 @@ import os
 import sys
 import time
 
+import ml_collections
 import numpy as np
 
+from fmnist_jax import cli
+from fmnist_jax import config as config_lib
+from fmnist_jax.errors import UserError
 from fmnist_jax.hardware import targets
+from fmnist_jax.plan import OptimizerSpec
 from fmnist_jax.run import workdir as workdir_lib
 
+PREDICTIONS_SHOWN = 15  # The tutorial's grid of test images with their predictions.
 # summary.json keys a finished run must have to be reported again instead of re-evaluated.
 SUMMARY_KEYS = ('test_accuracy', 'test_loss', 'steps', 'devices', 'backend', 'train_seconds',
                 'compile_seconds')
@@ -22,6 +28,28 @@ SUMMARY_KEYS = ('test_accuracy', 'test_loss', 'steps', 'devices', 'backend', 'tr
 def read_summary(workdir: str, fix: str = 'run the training again') -> dict:
   """A finished run's summary.json (WorkdirError naming the file and `fix` if unusable)."""
   return workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.SUMMARY), fix, SUMMARY_KEYS)
+
+
+def how_to_train(workdir: str) -> str:
+  return (f'train one with: python -m fmnist_jax.train --config configs/base.py '
+          f'--workdir {workdir}')
+
+
+def read_config(workdir: str):
+  """The run's config.json, validated like a config given on the command line (WorkdirError
+  naming the file and the fix if unusable)."""
+  path = workdir_lib.path(workdir, workdir_lib.CONFIG)
+  fix = f'delete it and {how_to_train(workdir)} (the checkpoints are kept and resumed)'
+  saved = workdir_lib.read_json(path, fix)
+  try:
+    config = ml_collections.ConfigDict(saved)
+    config_lib.validate_config(config)
+    return config
+  except UserError as e:
+    raise workdir_lib.WorkdirError(f'{path} holds a bad value ({e}); {fix}.') from None
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise workdir_lib.WorkdirError(f'{path} is not a config this version can use ({e}); '
+                                   f'{fix}.') from None
 
 
 def read_metrics(workdir: str, fix: str = 'run the training again') -> list[dict]:
@@ -36,11 +64,11 @@ class Outputs:
     self.workdir = workdir
     self.config = config
     self.main = main
-    self.tty = sys.stdout.isatty()
+    self.tty = cli.stdout_is_terminal()
     self._tensorboard = None
     self._tracing = False
 
-  def log(self, message: str, end: str = '\n') -> None:
+  def note(self, message: str, end: str = '\n') -> None:
     """Progress: printed unless config.progress is off."""
     if self.config.progress:
       self.say(message, end)
@@ -62,7 +90,7 @@ class Outputs:
 
   def progress(self, epoch: int, done: int, total: int, seconds: float) -> None:
     if self.tty:
-      self.log('\r' + progress_bar(epoch, self.config.num_epochs, done, total, seconds), end='')
+      self.note('\r' + progress_bar(epoch, self.config.num_epochs, done, total, seconds), end='')
 
   def epoch(self, entry: dict, steps_per_epoch: int) -> None:
     """Appends the epoch to metrics.jsonl and TensorBoard and prints its line."""
@@ -78,7 +106,7 @@ class Outputs:
       if entry['steps_per_second']:
         writer.add_scalar('steps_per_second', entry['steps_per_second'], step)
       writer.flush()
-    self.log(('\r' if self.tty else '') + epoch_line(entry, self.config.num_epochs,
+    self.note(('\r' if self.tty else '') + epoch_line(entry, self.config.num_epochs,
                                                      steps_per_epoch))
 
   def finished_summary(self, step: int, total_steps: int) -> dict | None:
@@ -94,7 +122,7 @@ class Outputs:
     try:
       summary = read_summary(self.workdir, 'rewriting it')
     except workdir_lib.WorkdirError as e:
-      self.log(f'warning: {e}')
+      self.note(f'warning: {e}')
       return None
     self.say(finished_line(self.workdir, summary))
     self.say(result_line(summary))
@@ -118,20 +146,12 @@ class Outputs:
       jax.profiler.stop_trace()
       self._tracing = False
 
-  def prediction_images(self, predict, params, test, mesh, batch_size: int) -> None:
-    """The tutorial's 15 predictions as a TensorBoard image, drawn without matplotlib. Every
-    process runs `predict` (the compiled program spans all devices); process 0 draws."""
-    from fmnist_jax import distributed  # pylint: disable=g-import-not-at-top  (JAX)
-    images, labels = test['image'][:15], test['label'][:15]
-    padded = np.zeros((batch_size,) + images.shape[1:], images.dtype)
-    padded[:len(images)] = images
-    probs = distributed.to_host(predict(params, distributed.put(
-        padded, distributed.batch_sharded(mesh))))[:len(images)]
+  def prediction_images(self, images, probs, labels) -> None:
+    """The tutorial's first predictions as a TensorBoard image, drawn without matplotlib."""
     writer = self._writer()
     if writer:
       writer.add_image('predictions', prediction_strip(images, probs, labels),
-                       self.config.num_epochs,
-                       dataformats='HWC')
+                       self.config.num_epochs, dataformats='HWC')
       writer.flush()
 
   def finish(self, summary: dict) -> None:
@@ -268,16 +288,16 @@ def process_start_time() -> float:
 # The summary -------------------------------------------------------------------------------------
 
 
-def make_summary(run, state, history, test, steps_run: int, timing: dict) -> dict:
-  """summary.json's content: results, timing, throughput, FLOP/s and MFU, devices, versions."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from fmnist_jax import model as model_lib, programs  # pylint: disable=g-import-not-at-top
-  config, plan = run.config, run.plan
+def make_summary(config, plan, history: list[dict], steps_run: int, timing: dict,
+                 facts: dict) -> dict:
+  """summary.json's content: the final metrics, `timing` (seconds), rates, FLOP/s and MFU, and the
+  run's `facts` (devices, flops per step, parameters, the ensemble's accuracy) as measured."""
   final, train_seconds = history[-1], timing['train_seconds']
   rate = (lambda n: n / train_seconds if train_seconds else None)
-  flops = programs.step_flops(run.compiled['train_chunk'])
-  kind = jax.devices()[0].device_kind
-  peak = targets.peak_flops(kind, config.compute_dtype)
+  facts = dict(facts)
+  ensemble = facts.pop('ensemble_test_accuracy', None)
+  flops = facts['flops_per_step']
+  peak = targets.peak_flops(facts['device_kind'], config.compute_dtype)
   achieved = rate(flops * steps_run) if flops else None  # Per device: XLA costs its share.
   summary = {
       'test_accuracy': final['test_accuracy'], 'test_loss': final['test_loss'],
@@ -286,35 +306,17 @@ def make_summary(run, state, history, test, steps_run: int, timing: dict) -> dic
       'steps_per_epoch': plan.steps_per_epoch, **timing, 'steps_run': steps_run,
       'steps_per_second': rate(steps_run),
       'examples_per_second': rate(steps_run * config.batch_size),
-      'flops_per_step': flops, 'flops_per_second': achieved, 'peak_flops_per_second': peak,
-      'mfu': achieved / peak if achieved and peak else None,
-      'backend': jax.default_backend(), 'devices': jax.device_count(), 'device_kind': kind,
-      'processes': jax.process_count(), 'seed': config.seed, 'input_mode': config.input_mode,
+      'flops_per_second': achieved, 'peak_flops_per_second': peak,
+      'mfu': achieved / peak if achieved and peak else None, **facts,
+      'seed': config.seed, 'input_mode': config.input_mode,
       'compute_dtype': config.compute_dtype, 'num_models': config.num_models,
-      'param_count': model_lib.param_count(state.params, config.num_models),
-      'jax_version': jax.__version__,
   }
   if config.num_models > 1:
-    summary['models'] = model_stats(run, state, history, test)
+    accs = np.asarray(final['per_model']['test_accuracy'])
+    summary['models'] = {
+        'test_accuracy_mean': float(accs.mean()), 'test_accuracy_std': float(accs.std()),
+        'test_accuracy_min': float(accs.min()), 'test_accuracy_max': float(accs.max()),
+        'ensemble_test_accuracy': ensemble,
+        'learning_rates': list(OptimizerSpec.from_config(config).learning_rates),
+        'seeds': [config.seed + k for k in range(config.num_models)]}
   return summary
-
-
-def model_stats(run, state, history, test) -> dict:
-  """Spread of the K models' test accuracies, and the accuracy of their averaged probabilities."""
-  from fmnist_jax import inference, steps  # pylint: disable=g-import-not-at-top
-  config = run.config
-  accs = np.asarray(history[-1]['per_model']['test_accuracy'])
-  probs = inference.predict_probs(config, run.graphdef, host_params(state), test['image'])
-  ensemble = float((probs.argmax(axis=1) == test['label']).mean())
-  return {'test_accuracy_mean': float(accs.mean()), 'test_accuracy_std': float(accs.std()),
-          'test_accuracy_min': float(accs.min()), 'test_accuracy_max': float(accs.max()),
-          'ensemble_test_accuracy': ensemble,
-          'learning_rates': list(steps.model_learning_rates(config)),
-          'seeds': [config.seed + k for k in range(config.num_models)]}
-
-
-def host_params(state):
-  """A host copy of the (replicated) parameters, so that code running on one process alone never
-  launches work over other processes' devices."""
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.params)

@@ -1,0 +1,1 @@
+"""Compiling for chips this machine lacks: targets, XLA:TPU and XLA:GPU checks, jax.export."""

@@ -1,0 +1,1 @@
+"""Your photos as Fashion-MNIST inputs, and test images turned into photos to measure that."""
