@@ -14,6 +14,7 @@ upright (the dataset's articles are upright and axis-aligned).
     conversion_steps(pil_image) -> [(name, array), ...]   (for a figure of the steps)
 """
 
+import io
 import warnings
 
 import numpy as np
@@ -22,6 +23,7 @@ from scipy import ndimage, spatial
 
 from fmnist_jax import IMAGE_SIZE as SIZE  # The dataset's 28 x 28.
 from fmnist_jax.errors import UserError
+from fmnist_jax.run import workdir
 
 # Longest side a picture is reduced to before background detection (a phone photo is 4000 px).
 WORK_SIZE = 512
@@ -416,18 +418,19 @@ def conversion_steps(image: Image.Image) -> list[tuple[str, np.ndarray]]:
 
 
 def _open(path: str) -> Image.Image:
-  """Opens, decodes and orients an image file; any failure becomes a one-line ImageFileError."""
+  """Opens, decodes and orients an image file; any failure becomes a one-line ImageFileError. Its
+  kind is checked first (workdir.check_kind): a fifo, a socket or a device is never opened."""
+  fix = 'pass an image file'
+  if workdir.check_kind(path, 'file', fix, ImageFileError, follow=True) is None:
+    raise ImageFileError(f'{path}: file not found.')
+  data = workdir.read_regular(path, fix, ImageFileError, follow=True)
   try:
     with warnings.catch_warnings():
       # Pillow only warns for pictures between its pixel limit and twice that; refuse them too.
       warnings.simplefilter('error', Image.DecompressionBombWarning)
-      with Image.open(path) as image:
+      with Image.open(io.BytesIO(data)) as image:
         image.load()
         return ImageOps.exif_transpose(image)
-  except FileNotFoundError:
-    raise ImageFileError(f'{path}: file not found.') from None
-  except IsADirectoryError:
-    raise ImageFileError(f'{path}: is a folder, not an image file.') from None
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     raise ImageFileError(f'{path}: too many pixels to read safely ({e}).') from None
   except UnidentifiedImageError:

@@ -1,21 +1,15 @@
-"""The workdir's files: their names, safe writes, validated reads, and the one-writer lock.
+"""The workdir: the names a run owns (one table), the one checker of what is found at a name, safe
+writes, validated reads, and the one-writer lock.
 
-    <workdir>/config.json          the run's config (for predict, explore and people)
-    <workdir>/metrics.jsonl        one JSON line per finished epoch
-    <workdir>/summary.json         the result of a finished run
-    <workdir>/checkpoints/         orbax checkpoints (checkpoint.py)
-    <workdir>/checkpoints_damaged/ checkpoints that failed to restore, kept for inspection
-    <workdir>/figures/             PNG figures written by predict and explore
-    <workdir>/tensorboard/         TensorBoard event files
-    <workdir>/.lock                held by the training that writes here
-
-Every write goes through a new temporary file created exclusively in the target's folder, is
-flushed to disk and renamed over the target, so a crash leaves the old file or the new one, and a
-link planted at any name never redirects a write. Workdirs are local or shared (NFS) folders:
-cloud URLs such as gs://bucket/run are refused with a one-line error.
+Every write goes to a new temporary file created exclusively in the target's folder, flushed to
+disk and renamed over the target: a crash leaves the old file or the new one, and a link planted at
+any name never redirects a write. Kinds are checked with lstat before anything is opened, so a fifo
+or a device never blocks or acts. Workdirs are local or shared (NFS) folders: cloud URLs such as
+gs://bucket/run are refused in one line.
 """
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -31,15 +25,32 @@ from typing import Any, Iterable
 
 from fmnist_jax.errors import UserError
 
-CONFIG = 'config.json'
-METRICS = 'metrics.jsonl'
-SUMMARY = 'summary.json'
-CHECKPOINTS = 'checkpoints'
-DAMAGED = 'checkpoints_damaged'
-FIGURES = 'figures'
-TENSORBOARD = 'tensorboard'
-LOCK = '.lock'
+CONFIG, METRICS, SUMMARY, LOCK = 'config.json', 'metrics.jsonl', 'summary.json', '.lock'
+CHECKPOINTS, DAMAGED = 'checkpoints', 'checkpoints_damaged'
+FIGURES, TENSORBOARD = 'figures', 'tensorboard'
 
+
+@dataclasses.dataclass(frozen=True)
+class Owned:
+  """What one of the workdir's names must be."""
+  kind: str  # 'file' or 'folder'.
+  role: str  # What the project keeps there (for messages).
+  replaced: bool = False  # Only ever replaced by a rename: a link there is replaced, not followed.
+  emptied: bool = False  # The training deletes or moves what is inside: no link or special file.
+
+
+NAMES = {
+    CONFIG: Owned('file', 'config', replaced=True),  # The run's config, for predict and people.
+    METRICS: Owned('file', 'metrics', replaced=True),  # One JSON line per finished epoch.
+    SUMMARY: Owned('file', 'summary', replaced=True),  # The result of a finished run.
+    LOCK: Owned('file', 'lock file'),  # Held by the training that writes here.
+    CHECKPOINTS: Owned('folder', 'checkpoints', emptied=True),  # orbax's, run/checkpoint.py.
+    DAMAGED: Owned('folder', 'damaged checkpoints', emptied=True),  # Kept for inspection.
+    FIGURES: Owned('folder', 'figures'),  # PNGs written by predict and explore.
+    TENSORBOARD: Owned('folder', 'TensorBoard files', emptied=True),
+}
+# Temporary files of an interrupted write_atomic (and of earlier versions: `<name>.tmp`).
+_LEFTOVER = re.compile(r'\.?(config\.json|metrics\.jsonl|summary\.json)(\..*)?\.tmp')
 # Errors that mean "the storage refuses more data", not "the program is wrong".
 STORAGE_ERRNOS = {errno.ENOSPC: 'no space left on', errno.EDQUOT: 'disk quota exceeded on',
                   errno.EROFS: 'read-only filesystem on'}
@@ -49,10 +60,79 @@ class WorkdirError(UserError):
   """The workdir cannot be used, or one of its files is damaged."""
 
 
-def check_local(path: str, option: str = '--workdir') -> None:
+def path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, name)
+
+
+def kind(mode: int) -> str:
+  """'file', 'folder', 'symbolic link', 'fifo', ... for an st_mode."""
+  for test, name in ((stat.S_ISREG, 'file'), (stat.S_ISDIR, 'folder'),
+                     (stat.S_ISLNK, 'symbolic link'), (stat.S_ISFIFO, 'fifo'),
+                     (stat.S_ISSOCK, 'socket'), (stat.S_ISCHR, 'character device'),
+                     (stat.S_ISBLK, 'block device')):
+    if test(mode):
+      return name
+  return 'special file'
+
+
+def check_kind(file: str, expected: str, fix: str, error=None, show_target: bool = False,
+               follow: bool = False) -> os.stat_result | None:
+  """The one checker of what is found at a path, without opening it (nor following a link, unless
+  `follow`): its stat, None when absent; `error` (a UserError class, default WorkdirError) when it
+  is not a `expected` ('file' or 'folder'), in one line: '<file> is a <kind>, not a <expected>;
+  <fix>.'"""
+  try:
+    st = os.stat(file) if follow else os.lstat(file)
+  except FileNotFoundError:
+    return None
+  except OSError as e:
+    raise (error or WorkdirError)(f'{file} cannot be examined ({e.strerror}); {fix}.') from None
+  found = kind(st.st_mode)
+  if found != expected:
+    if show_target and found == 'symbolic link':
+      found += f' (to {os.path.normpath(os.path.join(os.path.dirname(file), os.readlink(file)))})'
+    raise (error or WorkdirError)(f'{file} is a {found}, not a {expected}; {fix}.')
+  return st
+
+
+def _check_owned(workdir: str, name: str) -> os.stat_result | None:
+  """check_kind for a name of the table, with its own fix; a link at a replaced file is fine."""
+  owned, file = NAMES[name], path(workdir, name)
+  if owned.replaced and os.path.islink(file):
+    return os.lstat(file)  # Replaced by a rename at the next write, never read or written through.
+  if os.path.islink(file):
+    target = os.path.normpath(os.path.join(workdir, os.readlink(file)))
+    fix = ('the training writes and deletes only inside its workdir: ' + (
+        f'put the folder itself there (rm {file} && mv {target} {file}) or use another --workdir'
+        if owned.kind == 'folder' else
+        f'remove it (the {owned.role} is created by the training itself)'))
+  else:
+    fix = (f'this project keeps its {owned.role} there: move it out of the workdir (or use '
+           'another --workdir) and run the same command again')
+  return check_kind(file, owned.kind, fix, show_target=True)
+
+
+def _check_inside(folder: str) -> None:
+  """Refuses a link or special file anywhere under `folder` (whose content the training deletes
+  or moves, and reads: a fifo would block it), without following links."""
+  try:
+    entries = list(os.scandir(folder))
+  except OSError as e:
+    raise WorkdirError(f'{folder} cannot be read ({e.strerror}); fix its permissions or use '
+                       'another --workdir.') from None
+  for entry in entries:
+    expected = 'folder' if entry.is_dir(follow_symlinks=False) else 'file'
+    check_kind(entry.path, expected, f'the training deletes old files under {folder} and never '
+               'follows a link out of the workdir: move it out of the workdir (or replace a link '
+               'with a copy of what it points to) and run the same command again')
+    if expected == 'folder':
+      _check_inside(entry.path)
+
+
+def check_local(path_: str, option: str = '--workdir') -> None:
   """Refuses cloud URLs: every file here is written through the local filesystem."""
-  if '://' in path:
-    raise WorkdirError(f'{option} {path}: cloud storage URLs are not supported; use a local or '
+  if '://' in path_:
+    raise WorkdirError(f'{option} {path_}: cloud storage URLs are not supported; use a local or '
                        'shared (NFS, Filestore, gcsfuse-mounted) folder path.')
 
 
@@ -72,96 +152,6 @@ def check_writable(folder: str, what: str, fix: str, error=None) -> str:
   return folder
 
 
-def path(workdir: str, name: str) -> str:
-  return os.path.join(workdir, name)
-
-
-# The workdir's own names and what each must be -------------------------------------------------
-
-FILES = (CONFIG, METRICS, SUMMARY, LOCK)
-FOLDERS = (CHECKPOINTS, DAMAGED, FIGURES, TENSORBOARD)
-_ROLES = {CONFIG: 'config', METRICS: 'metrics', SUMMARY: 'summary', LOCK: 'lock file',
-          CHECKPOINTS: 'checkpoints', DAMAGED: 'damaged checkpoints', FIGURES: 'figures',
-          TENSORBOARD: 'TensorBoard files'}
-# Folders whose content the training (or orbax) deletes or moves: no link or special file inside.
-_DELETED_IN = (CHECKPOINTS, DAMAGED, TENSORBOARD)
-# Files always replaced by a rename, so a link planted there is replaced, never written through.
-_REPLACED = (CONFIG, METRICS, SUMMARY)
-# Temporary files of an interrupted write_atomic (and of earlier versions: `<name>.tmp`).
-_LEFTOVER = re.compile(r'\.?(config\.json|metrics\.jsonl|summary\.json)(\..*)?\.tmp')
-
-
-def kind(mode: int) -> str:
-  """'file', 'folder', 'symbolic link', 'fifo', ... for an st_mode."""
-  for test, name in ((stat.S_ISREG, 'file'), (stat.S_ISDIR, 'folder'),
-                     (stat.S_ISLNK, 'symbolic link'), (stat.S_ISFIFO, 'fifo'),
-                     (stat.S_ISSOCK, 'socket'), (stat.S_ISCHR, 'character device'),
-                     (stat.S_ISBLK, 'block device')):
-    if test(mode):
-      return name
-  return 'special file'
-
-
-def _lstat(file: str) -> os.stat_result | None:
-  """os.lstat, None when absent; other failures are one line."""
-  try:
-    return os.lstat(file)
-  except FileNotFoundError:
-    return None
-  except OSError as e:
-    raise WorkdirError(f'{file} cannot be examined ({e.strerror}); fix its permissions or use '
-                       'another --workdir.') from None
-
-
-def _wrong_kind(file: str, found: str, expected: str, role: str) -> WorkdirError:
-  return WorkdirError(f'{file} is a {found}, not a {expected}; this project keeps its {role} '
-                      'there: move it out of the workdir (or use another --workdir) and run the '
-                      'same command again.')
-
-
-def _check_name(workdir: str, name: str) -> os.stat_result | None:
-  """The lstat of a project name; refuses a link (but at a replaced file) or the wrong kind."""
-  file = path(workdir, name)
-  st = _lstat(file)
-  if st is None:
-    return None
-  expected = 'folder' if name in FOLDERS else 'file'
-  if stat.S_ISLNK(st.st_mode):
-    if name in _REPLACED:
-      return st  # Replaced by a rename at the next write, never read or written through.
-    target = os.path.normpath(os.path.join(workdir, os.readlink(file)))
-    fix = (f'put the folder itself there (rm {file} && mv {target} {file}) or use another '
-           '--workdir' if name in FOLDERS else f'remove it (the {_ROLES[name]} is created by the '
-           'training itself)')
-    raise WorkdirError(f'{file} is a symbolic link (to {target}); the training writes and '
-                       f'deletes only inside its workdir: {fix}.')
-  if kind(st.st_mode) != expected:
-    raise _wrong_kind(file, kind(st.st_mode), expected, _ROLES[name])
-  return st
-
-
-def _check_inside(folder: str) -> None:
-  """Refuses a link or special file anywhere under `folder` (whose content the training deletes
-  or moves, and reads: a fifo would block it), without following links."""
-  try:
-    entries = list(os.scandir(folder))
-  except OSError as e:
-    raise WorkdirError(f'{folder} cannot be read ({e.strerror}); fix its permissions or use '
-                       'another --workdir.') from None
-  for entry in entries:
-    if entry.is_symlink():
-      raise WorkdirError(f'{entry.path} is a symbolic link; the training deletes old files under '
-                         f'{folder} and never follows a link out of the workdir: replace it with '
-                         'a copy of what it points to (or remove it) and run the same command '
-                         'again.')
-    if entry.is_dir(follow_symlinks=False):
-      _check_inside(entry.path)
-    elif not entry.is_file(follow_symlinks=False):
-      found = kind(entry.stat(follow_symlinks=False).st_mode)
-      raise WorkdirError(f'{entry.path} is a {found}, not a file of this project; move it out '
-                         'of the workdir and run the same command again.')
-
-
 def _refuse_shared_folders(folder: str) -> None:
   """The filesystem root and the home folder are never a run's folder, even with --fresh."""
   real = os.path.realpath(folder)
@@ -176,7 +166,7 @@ def _refuse_shared_folders(folder: str) -> None:
 
 def _foreign(names: Iterable[str]) -> list[str]:
   """The names in a workdir that are not this project's."""
-  return sorted(n for n in names if n not in FILES + FOLDERS and not _LEFTOVER.fullmatch(n))
+  return sorted(n for n in names if n not in NAMES and not _LEFTOVER.fullmatch(n))
 
 
 def prepare(workdir: str, fresh: bool = False) -> str:
@@ -212,9 +202,9 @@ def prepare(workdir: str, fresh: bool = False) -> str:
   except OSError as e:
     raise WorkdirError(f'workdir {folder} cannot be read ({e.strerror}); choose another '
                        '--workdir.') from None
-  found = {name: _check_name(folder, name) for name in FILES + FOLDERS}
-  for name in _DELETED_IN:
-    if found[name] is not None:
+  found = {name: _check_owned(folder, name) for name in NAMES}
+  for name, owned in NAMES.items():
+    if owned.emptied and found[name] is not None:
       _check_inside(path(folder, name))
   others = _foreign(names)
   if others and found[CONFIG] is None and not fresh:
@@ -237,12 +227,11 @@ def remove_for_fresh(workdir: str) -> None:
   """
   for name in (SUMMARY, CHECKPOINTS, DAMAGED, TENSORBOARD, FIGURES, METRICS, CONFIG):
     target = path(workdir, name)
-    st = _lstat(target)
-    if st is None:
+    if not os.path.lexists(target):
       continue
     failed = []
     try:
-      if stat.S_ISDIR(st.st_mode):  # lstat: not a link. rmtree never follows links inside.
+      if stat.S_ISDIR(os.lstat(target).st_mode):  # Not a link; rmtree never follows links inside.
         shutil.rmtree(target, onerror=lambda _, where, info: failed.append((where, info[1])))
       else:
         os.unlink(target)
@@ -274,7 +263,7 @@ def move_aside(workdir: str, source: str, label: str) -> str:
     raise storage_error(e, workdir) or WorkdirError(
         f'{aside} cannot be created ({e.strerror}); fix the permissions of {workdir} and run the '
         'same command again.') from None
-  _check_name(workdir, DAMAGED)
+  _check_owned(workdir, DAMAGED)
   base = os.path.join(aside, f'{label}-{int(time.time())}')
   target, n = base, 0
   while os.path.lexists(target):  # rename() would silently replace an empty folder there.
@@ -389,29 +378,29 @@ def _damaged(file: str, detail: str, fix: str) -> WorkdirError:
   return WorkdirError(f'{file} is damaged ({detail}); {fix}.')
 
 
-def _read_regular(file: str, fix: str) -> bytes:
-  """The bytes of the regular file at `file` itself: never read through a link, and a fifo or a
-  device (which could block or act) is never opened. WorkdirError naming `fix` otherwise."""
-  st = _lstat(file)
-  if st is None:
-    raise WorkdirError(f'{file} cannot be read ({os.strerror(errno.ENOENT)}); {fix}.')
-  if not stat.S_ISREG(st.st_mode):
-    raise WorkdirError(f'{file} is a {kind(st.st_mode)}, not a file; {fix}.')
+def read_regular(file: str, fix: str, error=None, follow: bool = False) -> bytes:
+  """The bytes of the regular file at `file` itself (or where its link leads, with `follow`): a
+  fifo, a socket or a device, which could block or act, is never opened; `error` (a UserError
+  class, default WorkdirError) naming `fix` otherwise."""
+  error = error or WorkdirError
+  if check_kind(file, 'file', fix, error, follow=follow) is None:
+    raise error(f'{file} cannot be read ({os.strerror(errno.ENOENT)}); {fix}.')
   try:
-    fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(file, flags)
     with os.fdopen(fd, 'rb') as f:
       mode = os.fstat(f.fileno()).st_mode
-      if not stat.S_ISREG(mode):  # Replaced since the lstat.
-        raise WorkdirError(f'{file} is a {kind(mode)}, not a file; {fix}.')
+      if not stat.S_ISREG(mode):  # Replaced since it was checked.
+        raise error(f'{file} is a {kind(mode)}, not a file; {fix}.')
       return f.read()
   except OSError as e:
-    raise WorkdirError(f'{file} cannot be read ({e.strerror}); {fix}.') from None
+    raise error(f'{file} cannot be read ({e.strerror}); {fix}.') from None
 
 
 def read_json(file: str, fix: str, required: Iterable[str] = ()) -> dict:
   """A JSON object with the `required` keys; WorkdirError naming the file and `fix` if not."""
   try:
-    obj = json.loads(_read_regular(file, fix).decode('utf-8'))
+    obj = json.loads(read_regular(file, fix).decode('utf-8'))
   except (ValueError, UnicodeDecodeError) as e:
     raise _damaged(file, f'not valid JSON: {e}', fix) from None
   if not isinstance(obj, dict):
@@ -428,7 +417,7 @@ def read_metrics(file: str, fix: str) -> list[dict]:
     return []
   history = []
   try:
-    lines = _read_regular(file, fix).decode('utf-8').splitlines()
+    lines = read_regular(file, fix).decode('utf-8').splitlines()
   except UnicodeDecodeError as e:
     raise _damaged(file, str(e), fix) from None
   for number, line in enumerate(lines, 1):
@@ -453,7 +442,7 @@ def figures_folder(workdir: str, figures_dir: str | None) -> str | None:
   folder = os.path.abspath(figures_dir or path(workdir, FIGURES))
   try:
     if not figures_dir:  # The workdir's own figures/: never a link out of it, nor a file.
-      _check_name(os.path.abspath(workdir), FIGURES)
+      _check_owned(os.path.abspath(workdir), FIGURES)
     return check_writable(folder, 'figures folder', 'pass --figures_dir')
   except UserError as e:
     print(f'note: no figures written: {e}', file=sys.stderr, flush=True)
@@ -523,7 +512,7 @@ class Lock:
   def _open(self) -> int:
     """The lock file's descriptor: a regular file in the workdir, never a link, fifo or device
     (checked before opening: opening those may block or act)."""
-    _check_name(self._workdir, LOCK)
+    _check_owned(self._workdir, LOCK)
     try:
       fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
                    | os.O_CLOEXEC, 0o644)
@@ -535,7 +524,8 @@ class Lock:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):  # Replaced between the check and the open.
       os.close(fd)
-      raise _wrong_kind(self._path, kind(mode), 'file', _ROLES[LOCK])
+      raise WorkdirError(f'{self._path} is a {kind(mode)}, not a file; the lock file is created '
+                         'by the training itself: remove it and run the same command again.')
     return fd
 
   def acquire(self) -> None:
