@@ -346,6 +346,20 @@ def test_xla_tpu_command_is_quiet_and_writes_its_records(tmp_path):
   assert "XLA:TPU's cost model, not measurements" in result.stdout
 
 
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI runs "
+                    '.ci/compile_check.sh')
+def test_xla_tpu_libtpus_words_for_a_held_tpu_are_the_ones_the_notebook_reads():
+  """The notebook turns "TPU already in use" into what to do: libtpu's own strings, not a guess."""
+  import libtpu
+  from fmnist_jax import colab
+  with open(os.path.join(os.path.dirname(libtpu.__file__), 'libtpu.so'), 'rb') as f:
+    binary = f.read()
+  for words, pid in ((b'The TPU is already in use by process with pid ', '4242'),
+                     (b'The TPU is already in use by another process', None)):
+    assert words in binary, words
+    assert colab.TPU_HELD.search(words.decode() + (pid or '')).group(1) == pid
+
+
 def test_a_program_the_compiler_refuses_for_memory_is_named_in_one_line():
   """XLA:TPU itself refuses a program larger than the chip's memory (RESOURCE_EXHAUSTED)."""
   from fmnist_jax.hardware import compile_check

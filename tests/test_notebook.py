@@ -24,6 +24,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from fmnist_jax import colab
 from tests.conftest import ROOT
 
 NOTEBOOK = os.path.join(ROOT, 'notebooks', 'colab_tpu.ipynb')
@@ -46,23 +47,25 @@ def _cell(nb, marker):
 def test_notebook_is_valid():
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbformat.validate(nb)
-  code = '\n'.join(c.source for c in _code_cells(nb))
+  cells = [c.source for c in _code_cells(nb)]
+  code = '\n'.join(cells)
+  assert max(len(c.splitlines()) for c in cells) <= 30  # Cells a Colab user reads in seconds.
   assert 'setup_tpu' not in code  # Today's TPU runtimes need none.
   assert "SOURCE = ''" in code and 'FMNIST_JAX_SOURCE' in code  # No invented default.
   assert "'fmnist_jax.train', '--config', 'configs/base.py'" in code  # The README's command.
   # The accelerator check comes before any install; training, the benchmark and the check run
   # before the kernel imports JAX, which it pins to the CPU first.
-  first_jax = code.index('from fmnist_jax import')
-  assert code.index('jax.devices()') < code.index("'-m', 'pip', 'install'")
+  first_jax = code.index('from fmnist_jax import data')
+  assert code.index('colab.first_check(') < code.index('colab.install(')
   assert all(code.index(s) < first_jax for s in ("'fmnist_jax.train'", "'benchmarks.run'",
-                                                 'jax.devices()'))
+                                                 'colab.check_accelerator('))
   assert code.index("jax.config.update('jax_platforms', 'cpu')") < first_jax
-  assert "'jax' in sys.modules" in _code_cells(nb)[0].source  # Caught in the first cell.
+  assert "'jax' in sys.modules" in cells[0]  # Caught in the first cell.
   assert 'predict.' not in code and 'inference.confusion_matrix' in code
   # The range in which the notebook keeps the runtime's jax is pyproject.toml's.
   with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
     jax_spec = next(d for d in tomllib.load(f)['project']['dependencies'] if d.startswith('jax>'))
-  assert f"JAX_SPEC = '{jax_spec[len('jax'):]}'" in code
+  assert colab.JAX_SPEC == jax_spec[len('jax'):]
 
 
 def _execute(nb, cwd, env, drop=(), kernel='python3'):
@@ -143,18 +146,29 @@ def test_notebook_stops_in_a_kernel_that_imported_jax(tmp_path):
 
 
 def test_a_held_tpu_says_to_restart_the_session(tmp_path):
-  """JAX's "TPU already in use" becomes the sentence that says what to do."""
-  nb = _read()
+  """libtpu's "TPU already in use" (its wording: tests/test_export.py checks it against libtpu)
+  becomes the sentence that says what to do."""
   held = ("import sys; sys.stderr.write('RuntimeError: Unable to initialize backend tpu: ABORTED: "
           "The TPU is already in use by process with pid 4242. Not attempting to load libtpu.so in "
           "this process.\\n'); sys.exit(1)")
-  script = '\n'.join([_cell(nb, 'SUPERVISOR =').source, _cell(nb, 'def check_accelerator').source,
-                      f'PROBE = {held!r}', 'try:', '    check_accelerator()',
-                      'except Stop as e:', '    print(e)'])
-  out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=tmp_path,
-                       env=dict(os.environ, FMNIST_JAX_SOURCE=ROOT, FMNIST_NOTEBOOK_SMOKE='1'))
-  assert out.stdout.strip().splitlines()[-1] == (
-      'the TPU is already in use by process 4242: Runtime → Restart session, then Run all.'), out
+  with pytest.raises(colab.Stop, match='^the TPU is already in use by process 4242: Runtime → '
+                     'Restart session, then Run all.$'):
+    colab.check_accelerator(str(tmp_path), probe=held)
+
+
+def test_the_accelerator_gate_stops_a_runtime_without_one(tmp_path, monkeypatch):
+  """The gate the smoke runs switch off: on a CPU it stops, naming a plugin that does not match."""
+  with pytest.raises(colab.Stop, match='^this runtime has no TPU: Runtime → Change runtime type'):
+    colab.check_accelerator(str(tmp_path))
+  real = colab.version
+  monkeypatch.setattr(colab, 'version', lambda n: '0.0.21' if n == 'libtpu' else real(n))
+  with pytest.raises(colab.Stop, match='^JAX runs on the CPU although libtpu 0.0.21 is installed'):
+    colab.check_accelerator(str(tmp_path))
+  monkeypatch.setattr(colab, 'version', lambda n: None)  # No JAX yet: the device files decide.
+  monkeypatch.setattr(colab.os.path, 'exists', lambda p: False)
+  with pytest.raises(colab.Stop, match='^this runtime has no TPU'):
+    colab.first_check(str(tmp_path))
+  assert colab.first_check(str(tmp_path), accept_cpu=True) is None
 
 
 QUIET = ('import subprocess, sys, time\n'
@@ -223,8 +237,9 @@ def test_interrupt_or_restart_leaves_no_process_behind(tmp_path, data_dir):
   (workdir / 'summary.json').write_text(json.dumps(foreign))
   env = dict(os.environ, FMNIST_JAX_SOURCE=str(src), FMNIST_NOTEBOOK_SMOKE='1',
              TFDS_DATA_DIR=data_dir)
-  setup = '\n'.join([_cell(nb, 'SUPERVISOR =').source, _cell(nb, 'def check_accelerator').source,
-                     'BACKEND, DEVICES, KIND, _ = ACCELERATOR'])
+  setup = '\n'.join([_cell(nb, "SOURCE = ''").source,
+                     _cell(nb, 'from fmnist_jax import colab').source,
+                     'BACKEND, DEVICES, KIND, _ = colab.check_accelerator(HOME, accept_cpu=True)'])
   train = _cell(nb, "'fmnist_jax.train'").source
   assert "'--config.num_epochs=1'" in train
   train = train.replace("'--config.num_epochs=1'", "'--config.num_epochs=100'")  # Minutes long.
@@ -253,7 +268,7 @@ def test_interrupt_or_restart_leaves_no_process_behind(tmp_path, data_dir):
 
     # A restart kills the kernel mid-command. This command prints nothing (so no broken pipe ends
     # it) and has a child of its own, as the benchmark's peers are.
-    kc.execute(f'run([sys.executable, "-c", {QUIET!r}, {marker!r}])')
+    kc.execute(f'colab.run([sys.executable, "-c", {QUIET!r}, {marker!r}])')
     _wait_for(lambda: len(_processes_with(marker)) == 3, 60, 'supervisor, command and its child')
   finally:
     km.shutdown_kernel(now=True)  # SIGKILL to the kernel's process group, as a restart.
