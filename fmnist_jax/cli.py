@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 
 from fmnist_jax.errors import UserError, exit_on_user_error
 
@@ -33,6 +34,10 @@ NOISE = re.compile(rb'^[IWE]\d{4} [^\]]*\] |^WARNING: All log messages before ab
 def _describe(error: Exception) -> str:
   """Rewrites flag and config-file errors (often multi-line) as one actionable sentence."""
   text = ' '.join(str(error).split())
+  if isinstance(error, flags.Error) and 'Traceback (most recent call last)' in str(error):
+    flag, _, _ = str(error).partition(':')  # 'flag --config=FILE'; the file's own error is last.
+    return (f'{flag}: {str(error).strip().splitlines()[-1].strip().rstrip(".")}; fix the config '
+            'file (start from configs/base.py).')
   if isinstance(error, flags.Error):
     return f'{text}. See --helpfull for the flags.'
   if isinstance(error, AttributeError) and 'get_config' in text:
@@ -58,6 +63,9 @@ def parse_flags(argv: Sequence[str], config_flags_to_load: Sequence[str] = ()) -
       value = flags.FLAGS[name].value
       if value is None:
         raise UserError(f'--{name} is required, e.g. --{name} configs/base.py.')
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise UserError(f'the --{name} file\'s get_config() returned {type(value).__name__}, not '
+                        'an ml_collections.ConfigDict; start from configs/base.py.')
       value.to_dict()  # A config file that failed to load raises only when first used.
   except UserError:
     raise

@@ -128,6 +128,19 @@ def name_parts(config, file_config) -> list[str]:
   return [f'{name}={_text(value)}' for name, value in now.items() if value != before.get(name)]
 
 
+def default_workdir(config_path: str, config, devices: int, processes: int) -> str:
+  """workdirs/<config file name>[,<field=value>...][,<N>devices][,<P>processes], naming each
+  field that shapes the result where the final config differs from the config file's own values:
+  equal configs share a folder."""
+  parts = [os.path.splitext(os.path.basename(config_path))[0]]
+  parts += name_parts(config, load(config_path))
+  if devices != 1:
+    parts.append(f'{devices}devices')
+  if processes != 1:
+    parts.append(f'{processes}processes')
+  return os.path.join('workdirs', ','.join(parts))
+
+
 # Validation --------------------------------------------------------------------------------------
 
 INPUT_MODES = ('device', 'stream', 'tfds')
@@ -226,10 +239,11 @@ def validate_config(config) -> None:
   sizes = tuple(config.hidden_sizes)
   if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
     raise UserError(f'hidden_sizes={sizes} must be positive integers{example("hidden_sizes")}.')
-  for name in ('check_every_steps', 'checkpoint_every_steps', 'profile_steps'):
+  for name, zero in (('check_every_steps', 'once per epoch'),
+                     ('checkpoint_every_steps', 'at epoch ends only'), ('profile_steps', 'off')):
     if not isinstance(config[name], int) or config[name] < 0:
-      raise UserError(f'{name}={config[name]!r} must be 0 (once per epoch) or a positive '
-                      'number of steps.')
+      raise UserError(f'{name}={config[name]!r} must be 0 ({zero}) or a positive number of '
+                      'steps.')
   if not isinstance(config.compile_cache_dir, str):
     raise UserError(f'compile_cache_dir={config.compile_cache_dir!r} must be a folder, \'auto\' '
                     "or '' (off).")

@@ -17,7 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from fmnist_jax import cli
-from fmnist_jax.run import workdir as workdir_lib
+from fmnist_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file, e.g. configs/base.py; override fields with '
@@ -37,7 +37,7 @@ def main(argv):
   if not workdir:
     distributed.initialize(_CONFIG.value.distributed)  # Before the device count is read.
     import jax  # pylint: disable=g-import-not-at-top
-    workdir = workdir_lib.default_for_config(
+    workdir = config_lib.default_workdir(
         config_flags.get_config_filename(flags.FLAGS['config']), _CONFIG.value,
         jax.device_count(), jax.process_count())
   loop.train_and_evaluate(_CONFIG.value, workdir, fresh=_FRESH.value)

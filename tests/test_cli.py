@@ -152,7 +152,6 @@ def test_bad_data_files_are_one_line(problem, message, source_dir, tmp_path):
 
 
 def test_default_workdir_names_what_differs_from_the_config_file():
-  from fmnist_jax.run import workdir as workdir_lib
   config = config_lib.base()
   config.input_mode = 'tfds'
   config.hidden_sizes = (256, 128)
@@ -160,12 +159,12 @@ def test_default_workdir_names_what_differs_from_the_config_file():
   config.progress = False  # Display, data places and host settings never name a folder.
   config.data.data_dir = '/x'
   config.checkpoint_every_steps = 100
-  assert workdir_lib.default_for_config('configs/base.py', config, 1, 1) == (
+  assert config_lib.default_workdir('configs/base.py', config, 1, 1) == (
       'workdirs/base,hidden_sizes=256_128,input_mode=tfds,num_epochs=4')
   same = config_lib.base()
   same.learning_rate = float('1e-3')  # Equal to the file's 0.001, however it is spelt.
-  assert workdir_lib.default_for_config('configs/base.py', same, 1, 1) == 'workdirs/base'
-  assert workdir_lib.default_for_config('configs/test.py', config_lib.load(
+  assert config_lib.default_workdir('configs/base.py', same, 1, 1) == 'workdirs/base'
+  assert config_lib.default_workdir('configs/test.py', config_lib.load(
       'configs/test.py'), 8, 2) == 'workdirs/test,8devices,2processes'
 
 

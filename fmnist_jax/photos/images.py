@@ -361,7 +361,9 @@ def _steps(image: Image.Image) -> list[tuple[str, np.ndarray]]:
   background, noise = _background(pixels)
   mask = _object_mask(pixels, background, noise)
   if not mask.any():
-    raise ImageFileError('no object stands out from the background (the picture is one colour).')
+    why = ('the picture is one colour' if np.ptp(gray) < 8 else
+           'it varies alike everywhere, as noise or a texture does')
+    raise ImageFileError(f'no object stands out from the background ({why}).')
   steps.append(('differs from background', mask))
   background_gray = _gray(background)
   article = mask

@@ -202,7 +202,8 @@ class Checkpointer:
     where = 'left in place (read-only)' if self.read_only else f'set aside in {aside}'
     raise NoUsableCheckpoint(
         f'no checkpoint in {self.directory} can be restored: {what} ({where}). Nothing else was '
-        'changed; run with --fresh to start over, or restore the files from a backup.')
+        f'changed; {"train" if self.read_only else "run"} with --fresh to start over, or restore '
+        'the files from a backup.')
 
   def _set_aside(self, steps, quiet: bool = False) -> None:
     """Renames damaged checkpoints into checkpoints_damaged/ (kept for inspection): one atomic

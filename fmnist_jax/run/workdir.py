@@ -282,20 +282,6 @@ def move_aside(workdir: str, source: str, label: str) -> str:
   return target
 
 
-def default_for_config(config_path: str, config, devices: int, processes: int) -> str:
-  """The default workdir of a training: workdirs/<config file name>[,<field=value>...][,<N>devices]
-  [,<P>processes], naming each field that shapes the result where the final config differs from
-  the config file's own values (fmnist_jax/config.py): equal configs share a folder."""
-  from fmnist_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  parts = [os.path.splitext(os.path.basename(config_path))[0]]
-  parts += config_lib.name_parts(config, config_lib.load(config_path))
-  if devices != 1:
-    parts.append(f'{devices}devices')
-  if processes != 1:
-    parts.append(f'{processes}processes')
-  return os.path.join('workdirs', ','.join(parts))
-
-
 # Writes ------------------------------------------------------------------------------------------
 
 
