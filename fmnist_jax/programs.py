@@ -1,17 +1,13 @@
 """The compiled programs of a run, built in one place: the trainer runs them, the export lowers them
 and the TPU/GPU checks compile them for chips this machine does not have.
 
-    progs = build(model, optimizer, plan, mesh)      # {name: Program}, nothing traced yet
-    compiled = compile_all(progs)                    # ahead of time, timed, through JAX's cache
+    progs = build(model, optimizer, plan, mesh)   # {name: Program}, nothing traced yet
+    compiled = compile_all(progs)                 # ahead of time, timed, through JAX's cache
 
-Names: 'train_chunk' (many fused steps over batches [S, B, ...]: the shuffled epoch in the device
-mode, a host chunk [K, B, ...] in the stream and tfds modes; XLA's cost analysis counts its loop
-body, one step, once), 'shuffle' (device mode), 'evaluate', 'predict' and 'finite'. Every argument is a
+'train_chunk' runs many steps over batches [S, B, ...] (the shuffled epoch, or a host chunk);
+'shuffle' (device mode), 'evaluate', 'predict' and 'finite' the rest. Every argument is a
 ShapeDtypeStruct with the sharding the trainer gives it: replicated state, batch-sharded data.
-
-Compiled programs survive the process in JAX's persistent compilation cache
-(`config.compile_cache_dir`; 'auto' = ~/.cache/fmnist_jax/jax), keyed by the lowered program, so a
-rerun skips XLA's compilation.
+JAX's persistent compilation cache (`compile_cache_dir`) keeps them across processes.
 """
 
 import dataclasses

@@ -1,11 +1,9 @@
 """Pure step functions: one train step, many fused steps, the epoch shuffle, evaluation.
 
-Everything here is a pure function of arrays, built by `make_steps` around the static pieces
-(the model's graph definition, the optimizer, the compute dtype). The trainer decides how to jit
-them (donation, shardings) and where the data lives.
-
-With `num_models > 1` the per-model functions are `jax.vmap`-ed over a leading model axis of the
-parameters and optimizer state; all models see the same batches.
+`make_steps` builds them around the static pieces (the model's graph definition, the optimizer,
+the compute dtype); programs.py decides how they are jitted (donation, shardings). With several
+models the per-model functions are `jax.vmap`-ed over a leading model axis of the parameters and
+optimizer state; all models see the same batches.
 """
 
 import dataclasses

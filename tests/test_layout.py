@@ -122,3 +122,41 @@ def test_help_imports_no_framework():
     assert 'fmnist_jax' in imported
     for heavy in ('jax', 'tensorflow', 'torch', 'matplotlib', 'orbax.checkpoint', 'flax'):
       assert heavy not in imported, f'{module} --help imports {heavy}'
+
+
+def _package_files():
+  return sorted(glob.glob(os.path.join(ROOT, 'fmnist_jax', '**', '*.py'), recursive=True))
+
+
+def _lines(path) -> int:
+  with open(path) as f:
+    return len(f.read().splitlines())
+
+
+def test_a_newcomer_reads_the_trainer_in_one_sitting():
+  """The shape: a package of at most 4,600 lines whose core (model, metrics, steps, programs,
+  plan, loop) is at most 1,000; at most 20 modules at the top and at least 3 subpackages; module
+  docstrings of at most 12 lines; a README of at most 300 lines, the depth in docs/."""
+  files = _package_files()
+  assert sum(map(_lines, files)) <= 4600
+  core = ('model', 'metrics', 'steps', 'programs', 'plan', 'loop')
+  assert sum(_lines(os.path.join(ROOT, 'fmnist_jax', f'{m}.py')) for m in core) <= 1000
+  assert len(glob.glob(os.path.join(ROOT, 'fmnist_jax', '*.py'))) <= 20
+  subpackages = glob.glob(os.path.join(ROOT, 'fmnist_jax', '*', '__init__.py'))
+  assert len(subpackages) >= 3
+  for path in files:
+    with open(path) as f:
+      docstring = ast.get_docstring(ast.parse(f.read()), clean=False) or ''
+    assert len(docstring.splitlines()) <= 12, path
+  assert _lines(os.path.join(ROOT, 'README.md')) <= 300
+
+
+def test_the_core_takes_small_values_not_the_config():
+  """model, steps, programs and inference take ModelSpec, OptimizerSpec and RunPlan (plan.py),
+  built once from the config: no function there has a `config` argument."""
+  for name in ('model', 'steps', 'programs', 'inference'):
+    with open(os.path.join(ROOT, 'fmnist_jax', f'{name}.py')) as f:
+      tree = ast.parse(f.read())
+    for node in _functions(tree):
+      arguments = [a.arg for a in node.args.args + node.args.kwonlyargs]
+      assert 'config' not in arguments, f'{name}.{node.name} takes the config'

@@ -1,6 +1,8 @@
-"""The README as a contract: its shell commands, run verbatim and in order in a fresh clone.
+"""The README and the docs pages as a contract: their shell commands, run verbatim and in order in
+a fresh clone.
 
-Every line of a ```sh block is run, in one bash session (so `source .venv/bin/activate` holds for
+Every line of a ```sh block (README.md, then the pages of PAGES in that order) is run, in one bash
+session (so `source .venv/bin/activate` holds for
 the lines after it), except lines marked `# [not run here: <reason>]` (Colab, a second host, the
 test suite itself). Each must exit 0 without a traceback, and the clone's `git status` must be
 clean at the end. The environment is a newcomer's: an empty home folder; only variables the README
@@ -8,6 +10,7 @@ documents are set (TFDS_DATA_DIR, to reuse this session's prepared data instead 
 again, and XDG_CACHE_HOME, this session's compilation cache: its programs, not compiled again).
 """
 
+import glob
 import hashlib
 import os
 import re
@@ -18,6 +21,11 @@ import pytest
 from tests.conftest import ROOT
 
 SKIP = re.compile(r'#\s*\[not run here: [^\]]+\]')
+# Every page with commands, in the order a reader meets them (a page's commands may use what an
+# earlier one made: workdirs/base is trained by the README's).
+PAGES = ('README.md', 'docs/training.md', 'docs/data.md', 'docs/photos.md', 'docs/devices.md',
+         'docs/reliability.md', 'docs/benchmarks.md', 'docs/promises.md', 'docs/tutorial.md',
+         'docs/tutorial.ko.md')
 MARKER = '__fmnist_readme_rc__'
 
 
@@ -39,9 +47,23 @@ def readme_commands(text: str) -> list[str]:
   return commands
 
 
+def page_commands(root) -> list[str]:
+  """The commands of every page of PAGES, in order."""
+  commands = []
+  for page in PAGES:
+    with open(os.path.join(root, page)) as f:
+      commands += readme_commands(f.read())
+  return commands
+
+
+def test_every_page_is_run():
+  """A docs page missing from PAGES would have its commands silently skipped."""
+  pages = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'docs', '*.md'))}
+  assert pages | {'README.md'} == set(PAGES)
+
+
 def test_readme_commands_are_found():
-  with open(os.path.join(ROOT, 'README.md')) as f:
-    commands = readme_commands(f.read())
+  commands = page_commands(ROOT)
   assert commands[0].startswith('./setup.sh')
   assert any(c.startswith('python -m fmnist_jax.train --config configs/base.py') for c in commands)
   assert any(SKIP.search(c) for c in commands)  # The test suite itself is not run by itself.
@@ -56,8 +78,7 @@ def test_readme_commands_work_verbatim_in_order(data_dir, tmp_path):
   os.symlink(os.path.join(ROOT, '.venv'), clone / '.venv')
   home = tmp_path / 'home'
   home.mkdir()
-  with open(clone / 'README.md') as f:
-    commands = [c for c in readme_commands(f.read()) if not SKIP.search(c)]
+  commands = [c for c in page_commands(clone) if not SKIP.search(c)]
   script = ''.join(f'{c}\necho "{MARKER} $? {i}"\n' for i, c in enumerate(commands))
   env = {k: v for k, v in os.environ.items() if not k.startswith(('VIRTUAL_ENV', 'PYTHON'))}
   env.update(HOME=str(home), TFDS_DATA_DIR=data_dir, FMNIST_EXTRAS=_installed_extras())
