@@ -21,6 +21,7 @@ from absl import logging
 import ml_collections
 
 from fmnist_jax.errors import UserError, exit_on_user_error
+from fmnist_jax.run import signals
 
 # Lines the frameworks print for themselves: C++ log lines ('W1206 05:12:33.1 123 file.cc:45] ',
 # libtpu's 'E0000 common_lib.cc:554] ...'; severity F, a crash, passes), absl's note before its
@@ -164,6 +165,7 @@ def run(main: Callable[[list[str]], None], config_flags_to_load: Sequence[str] =
   logging.set_verbosity(logging.WARNING)
   try:
     with exit_on_user_error():
+      signals.arm()  # A signal since the command started stops it here, in one line.
       app.run(main, argv=sys.argv,
               flags_parser=lambda argv: parse_flags(argv, config_flags_to_load))
   except SystemExit as e:

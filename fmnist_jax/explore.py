@@ -7,8 +7,9 @@ images with a colorbar, the 5x5 grid with class names, and training_curves.png w
 a run. Nothing else in the workdir is read or written.
 """
 
-from fmnist_jax.run import signals
-signals.install()  # Ctrl-C and SIGTERM stop the command cleanly from here on (run/signals.py).
+if __name__ == '__main__':  # The command's first instruction: Ctrl-C and SIGTERM are caught.
+  from fmnist_jax.run import signals
+  signals.install()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import os

@@ -9,8 +9,9 @@ The first lowers them with jax.export and writes a predict model file (hardware/
 (hardware/compile_check.py). Only flag parsing lives here.
 """
 
-from fmnist_jax.run import signals
-signals.install()  # Ctrl-C and SIGTERM stop the command cleanly from here on (run/signals.py).
+if __name__ == '__main__':  # The command's first instruction: Ctrl-C and SIGTERM are caught.
+  from fmnist_jax.run import signals
+  signals.install()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import sys

@@ -78,6 +78,9 @@ def describe(trained: Trained, workdir: str) -> str:
 def predict_probs(model: ModelSpec, graphdef, params, images: np.ndarray,
                   batch_size: int = 1000) -> np.ndarray:
   """Class probabilities [N, 10] for uint8 images [N, 28, 28] (mean over models if several)."""
+  if images.dtype != np.uint8:  # Scaled to [0, 1] already, they would be scaled twice.
+    raise UserError(f'images are {images.dtype}; give them as uint8 [N, 28, 28], as Fashion-MNIST '
+                    'stores them: the model scales them to [0, 1] itself.')
   probs_fn = jax.jit(make_probs_fn(model, graphdef))
   n = len(images)
   batch_size = min(batch_size, max(n, 1))

@@ -11,8 +11,9 @@ fmnist_jax.plots for the figures. Nothing here changes
 the workdir's training files: checkpoints are opened read-only.
 """
 
-from fmnist_jax.run import signals
-signals.install()  # Ctrl-C and SIGTERM stop the command cleanly from here on (run/signals.py).
+if __name__ == '__main__':  # The command's first instruction: Ctrl-C and SIGTERM are caught.
+  from fmnist_jax.run import signals
+  signals.install()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import json

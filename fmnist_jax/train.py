@@ -9,8 +9,9 @@ workdirs/base,input_mode=tfds, workdirs/base,8devices. The same config lands in 
 (and resumes); another config never reuses its finished run.
 """
 
-from fmnist_jax.run import signals
-signals.install()  # Ctrl-C and SIGTERM stop the command cleanly from here on (run/signals.py).
+if __name__ == '__main__':  # The command's first instruction: Ctrl-C and SIGTERM are caught.
+  from fmnist_jax.run import signals
+  signals.install()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import flags

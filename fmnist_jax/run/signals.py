@@ -1,8 +1,8 @@
 """Ctrl-C (SIGINT) and SIGTERM, honoured from a command's first instruction to its exit.
 
-`install()` runs first in every command. Until training starts a signal stops the command at once
-(when control returns from native code: a compile, a read), with one line and exit 130, since
-nothing is yet to be saved. While the training loop runs (`deferred()`), a signal only sets a flag;
+`install()` runs first in every command, `arm()` once its error handling is in place. Until training
+starts a signal stops the command at once (when control returns from native code: a compile, a
+read), with one line and exit 130, since nothing is yet to be saved. While the training loop runs (`deferred()`), a signal only sets a flag;
 the processes agree at the next stop (plan.py) to end there, after saving a checkpoint. A second
 signal acts at once, as usual.
 """
@@ -15,7 +15,7 @@ import threading
 from fmnist_jax.errors import Interrupted
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_state = {'received': None, 'deferred': False, 'installed': False, 'before': {}}
+_state = {'received': None, 'deferred': False, 'installed': False, 'armed': False, 'before': {}}
 
 
 def _handle(signum, frame):  # pylint: disable=unused-argument
@@ -25,7 +25,7 @@ def _handle(signum, frame):  # pylint: disable=unused-argument
     signal.raise_signal(signum)
     return
   _state['received'] = signal.Signals(signum).name
-  if not _state['deferred']:
+  if _state['armed'] and not _state['deferred']:
     raise stopped()
 
 
@@ -46,15 +46,22 @@ def install() -> None:
   _state['installed'] = True
 
 
+def arm() -> None:
+  """From here (the command's error handling is in place) a signal outside the training loop
+  stops the command at once; before, it is acted on by the first check()."""
+  _state['armed'] = True
+  check()
+
+
 def received() -> str | None:
   """The name of the first stop signal received, or None."""
   return _state['received']
 
 
 def stopped() -> Interrupted:
-  """The error of a command stopped before anything was saved."""
-  return Interrupted(f'{received()} received: stopped before training (nothing was saved); run '
-                     'the same command again to start.')
+  """The error of a command stopped before it saved anything."""
+  return Interrupted(f'{received()} received: stopped before anything was saved; run the same '
+                     'command again to start over.')
 
 
 def check() -> None:
