@@ -243,18 +243,19 @@ def test_an_unfinished_run_is_named_by_predict_and_export(data_dir, tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   summary = json.loads((workdir / 'summary.json').read_text())
   (workdir / 'summary.json').unlink()
-  for name in ('938', '1876'):  # Only checkpoint 500 stays: an unfinished run.
-    os.rename(workdir / 'checkpoints' / name, tmp_path / name)
+  kept, *newer = sorted(int(n) for n in os.listdir(workdir / 'checkpoints') if n.isdigit())
+  for step in newer:  # Only the oldest checkpoint stays: an unfinished run.
+    os.rename(workdir / 'checkpoints' / str(step), tmp_path / str(step))
   predicted = run_cli('fmnist_jax.predict', f'--workdir={workdir}', '--nofigures', '--json')
   assert predicted.returncode == 0, predicted.stderr[-3000:]
-  assert (f'note: predicting with the checkpoint at step 500 of {workdir} (unfinished: 500 of '
-          '1,876 steps).') in predicted.stderr
+  assert (f'note: predicting with the checkpoint at step {kept} of {workdir} (unfinished: '
+          f'{kept:,} of 1,876 steps).') in predicted.stderr
   exported = run_cli('fmnist_jax.export', '--config', 'configs/base.py', '--platforms=cpu',
                      f'--workdir={workdir}', f'--out={tmp_path / "e"}')
   assert exported.returncode == 0, exported.stderr[-3000:]
-  assert 'the checkpoint at step 500' in exported.stdout and 'unfinished' in exported.stdout
+  assert f'the checkpoint at step {kept}' in exported.stdout and 'unfinished' in exported.stdout
   assert 'was trained with another config than --config' in exported.stdout
-  for path in (workdir / 'checkpoints' / '500' / 'state').rglob('*'):
+  for path in (workdir / 'checkpoints' / str(kept) / 'state').rglob('*'):
     if path.is_file():
       path.write_bytes(b'x')
   damaged = run_cli('fmnist_jax.predict', f'--workdir={workdir}', '--nofigures')
