@@ -60,10 +60,8 @@ class _Stream:
 class TfdsStream(_Stream):
   """The classic streaming pipeline: tfds -> tf.data (decode once, shuffle, batch, prefetch).
 
-  The split is decoded once into tensors; each pass, tf.data shuffles the example indices (the
-  same order as shuffling the examples with `data.shuffle_buffer`) and gathers whole chunks, so
-  one numpy array per chunk (not per batch) crosses into Python. Every process reads the same
-  global batches and keeps its rows, so the global batch is that of a single-process run.
+  The split is decoded once into tensors; each pass, tf.data shuffles the example indices and
+  gathers whole chunks, so one numpy array per chunk (not per batch) crosses into Python.
   """
 
   def __init__(self, data_config, split: str):

@@ -85,11 +85,8 @@ def _gray_levels(image: Image.Image) -> np.ndarray:
 
 
 def to_rgb_or_gray(image: Image.Image) -> np.ndarray:
-  """Any PIL image as float32 0-255, [H, W] (gray) or [H, W, 3] (colour).
-
-  Transparency is composited on white (like a web page); 16/32-bit grayscale is scaled to 0-255;
-  CMYK, palette and other modes go through Pillow's RGB conversion.
-  """
+  """Any PIL image as float32 0-255, [H, W] (gray) or [H, W, 3] (colour): transparency on white
+  (like a web page), 16/32-bit gray scaled, other modes through Pillow's RGB conversion."""
   if image.mode in ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F'):
     return _gray_levels(image)
   if image.mode in ('1', 'L'):
@@ -445,10 +442,8 @@ def load(path: str) -> np.ndarray:
 
 
 def load_all(paths) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
-  """Reads many files: ([(path, uint8 [28, 28]), ...] in order, one-line errors of the others).
-
-  A file named twice is read twice; a bad file does not stop the others.
-  """
+  """Reads many files: ([(path, uint8 [28, 28]), ...] in order, one-line errors of the others);
+  a bad file does not stop the others, a file named twice is read twice."""
   loaded, errors = [], []
   for path in paths:
     try:
