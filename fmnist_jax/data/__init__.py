@@ -1,22 +1,12 @@
-"""Fashion-MNIST input: the official tfds dataset, prepared offline from IDX files when needed.
+"""Fashion-MNIST input: tfds's official dataset, prepared offline from local IDX files if needed.
 
-Three layers, cheapest first:
-
-1. A decoded uint8 copy (`<data_dir>/fashion_mnist/fmnist_jax-<version>.npz`) beside the tfds data,
-   checked against the tfds data's split counts. Loading it imports neither TensorFlow nor tfds:
-   this is the warm start.
-2. The tfds dataset `fashion_mnist` in `<data_dir>`: read through tfds (needs TensorFlow) to build
-   the copy above, and streamed by the `tfds` input mode.
-3. Preparing that tfds dataset: from local IDX files when they can be found (config field
-   `data.manual_dir`, then `$FMNIST_JAX_MANUAL_DIR`, then Debian's `dataset-fashion-mnist` path),
-   otherwise by tfds's own download. Both are atomic: tfds writes into a temporary folder and
-   renames it, and the copy is written to a temporary file and renamed.
-
-Whether any layer can provide the data is decided from files and one connection attempt before
-TensorFlow is imported (`check_source`), so an offline machine without data is told in seconds.
-
-This module knows nothing about models or devices: it returns numpy arrays, and numpy chunks of K
-padded batches, `{'image': uint8 [K, B, 28, 28], 'label': int32 [K, B], 'mask': float32 [K, B]}`.
+Three layers, cheapest first: a decoded uint8 copy (`fmnist_jax-<version>.npz`) beside the tfds
+data, checked against its split counts and loaded without TensorFlow (the warm start); the tfds
+dataset `fashion_mnist`, read through tfds to build that copy and streamed by the `tfds` input
+mode; and its preparation, from local IDX files or by tfds's download. Every write is atomic.
+Whether anything can provide the data is decided from files and one connection attempt before
+TensorFlow is imported, so an offline machine without data is told in seconds. The module
+returns numpy arrays and knows nothing about models or devices.
 """
 
 import contextlib
@@ -70,7 +60,7 @@ def manual_dir(data_config) -> str | None:
   if data_config.manual_dir:
     if not idx.has_files(data_config.manual_dir):
       raise DataError(f'data.manual_dir={data_config.manual_dir} does not hold the four '
-                      f'Fashion-MNIST IDX .gz files ({", ".join(_idx_names())}); fix the path '
+                      f'Fashion-MNIST IDX .gz files ({", ".join(idx.NAMES)}); fix the path '
                       'or leave it empty to use tfds.')
     return data_config.manual_dir
   for candidate in (os.environ.get(MANUAL_DIR_ENV), DEBIAN_DIR):
@@ -90,24 +80,27 @@ def load(data_config, verbose: bool = False) -> Arrays:
   arrays = _load_copy(root)
   if arrays is not None:
     return arrays
-  check_source(data_config)
+  source = manual_dir(data_config)
+  # Prepared (perhaps damaged) data is read by tfds, and its damage healed or named below.
+  if source is None and not glob.glob(os.path.join(root, DATASET, '*', 'dataset_info.json')):
+    _check_download(data_config)
   with workdir_lib.storage_errors(root):
     start = time.perf_counter()
     _remove_leftovers(root)
     try:
-      arrays, version = _from_tfds(root, data_config, verbose)
+      arrays, version = _from_tfds(root, source, data_config, verbose)
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except  (any reader error means damage)
       folder = os.path.join(root, DATASET)
-      if manual_dir(data_config) is None and not data_config.download:
+      if source is None and not data_config.download:
         raise DataError(f'the prepared dataset in {folder} is damaged ({type(e).__name__}) and '
                         f'there are no IDX files to rebuild it from; delete {folder} and '
                         f'{HOW_TO_GET}.') from None
       print(f'warning: the prepared dataset in {folder} is damaged ({type(e).__name__}); '
             'rebuilding it.', file=sys.stderr, flush=True)
       _remove_prepared(root)
-      arrays, version = _from_tfds(root, data_config, verbose)
+      arrays, version = _from_tfds(root, source, data_config, verbose)
     _write_copy(root, version, arrays)
   if verbose:
     print(f'Prepared {DATASET} {version} in {root} ({time.perf_counter() - start:.1f} s).',
@@ -115,24 +108,9 @@ def load(data_config, verbose: bool = False) -> Arrays:
   return arrays
 
 
-def check_source(data_config) -> None:
-  """Raises DataError when nothing can provide the data: no prepared tfds dataset, no local IDX
-  files, and no download (off, or its host unreachable within seconds).
-
-  Decided from files and one connection attempt, before TensorFlow is imported: on an offline
-  machine the error comes in seconds.
-  """
-  root = data_dir(data_config)
-  if glob.glob(os.path.join(root, DATASET, '*', 'dataset_info.json')):
-    return  # Prepared (perhaps damaged): tfds reads it, `load` heals or names the damage.
-  if manual_dir(data_config) is not None:
-    return
-  _check_download(data_config)
-
-
 def _check_download(data_config) -> None:
-  """Raises DataError when tfds may not download (data.download off) or its download host is
-  unreachable: decided in seconds, instead of minutes of tfds's retries."""
+  """Raises DataError when tfds may not download (data.download off) or its host is unreachable:
+  decided in seconds, before TensorFlow loads, instead of minutes of tfds's retries."""
   if not data_config.download:
     raise DataError(f'Fashion-MNIST not found in {data_dir(data_config)} nor as local IDX files, '
                     f'and data.download is off; {HOW_TO_GET}.')
@@ -142,15 +120,14 @@ def _check_download(data_config) -> None:
                     f'({DOWNLOAD_URL} is unreachable: {unreachable}); {HOW_TO_GET}.')
 
 
-def _from_tfds(root: str, data_config, verbose: bool) -> tuple[Arrays, str]:
+def _from_tfds(root: str, source: str | None, data_config, verbose: bool) -> tuple[Arrays, str]:
   """The arrays of the prepared tfds dataset (prepared first if needed), and its version."""
   local = None
-  source = manual_dir(data_config)
   if source is not None and _tfds_counts(root, TFDS_VERSION) is None:
     local = read_idx(source)  # Bad files fail here, in a second, before TensorFlow loads.
   builder = tfds_builder(root)
   if not builder.is_prepared():
-    builder = _prepare(root, data_config, verbose, local)
+    builder = _prepare(root, source, data_config, verbose, local)
   arrays = _read_tfds(builder)
   for split in SPLITS:
     if len(arrays[split]['label']) != idx.FILES[split][2]:
@@ -179,10 +156,6 @@ def _remove_leftovers(root: str) -> None:
     else:
       with contextlib.suppress(OSError):
         os.unlink(path)
-
-
-def _idx_names():
-  return [name for images, labels, _ in idx.FILES.values() for name in (images, labels)]
 
 
 def _copy_path(root: str, version: str) -> str:
@@ -233,8 +206,7 @@ def _write_copy(root: str, version: str, arrays: Arrays) -> None:
 
 def import_tensorflow():
   """Imports TensorFlow with every GPU and TPU hidden from it, so it never takes their memory."""
-  # TensorFlow only decodes PNGs and batches here: its start-up lines (set the variable to see
-  # them) and its oneDNN kernels, which would only add a banner, are not wanted.
+  # TensorFlow only decodes and batches here: no start-up lines, no oneDNN banner.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -261,13 +233,9 @@ def tfds_builder(root: str, local: Arrays | None = None):
 
 
 def _local_builder_class():
-  """tfds's FashionMNIST builder, reading validated local IDX files instead of downloading.
-
-  tfds would reject Debian's gzip files by checksum although their content is identical, so the
-  content is validated instead (fmnist_jax.data.idx). Overriding `_split_generators` and
-  `_generate_examples` is tfds's supported way to change where a builder's examples come from;
-  name, version, features and the prepared files stay those of `fashion_mnist`.
-  """
+  """tfds's FashionMNIST builder reading validated IDX arrays instead of downloading (tfds would
+  reject Debian's gzip files by checksum although their content is identical); name, version,
+  features and prepared files stay those of `fashion_mnist`."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   class LocalFashionMNIST(tfds.image_classification.FashionMNIST, skip_registration=True):
@@ -295,12 +263,12 @@ def read_idx(source: str) -> Arrays:
   return {split: dict(zip(('image', 'label'), idx.load_split(source, split))) for split in SPLITS}
 
 
-def _prepare(root: str, data_config, verbose: bool, local: Arrays | None = None):
-  """Prepares the tfds dataset from local IDX files, else by tfds's download; returns the builder."""
+def _prepare(root: str, source: str | None, data_config, verbose: bool, local: Arrays | None):
+  """Prepares the tfds dataset from the IDX files in `source` (`local`: those already read), else
+  by tfds's download; returns the builder."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  source = manual_dir(data_config)
   if source is None:
-    _check_download(data_config)  # Again: a damaged dataset passed check_source.
+    _check_download(data_config)  # Again: `load` did not check when damaged data was there.
     builder = tfds_builder(root)
     if verbose:
       print(f'No local IDX files; asking tfds to download {DATASET}.', flush=True)
@@ -315,7 +283,7 @@ def _prepare(root: str, data_config, verbose: bool, local: Arrays | None = None)
   if verbose:
     print(f'Preparing tfds {DATASET} {builder.version} from {source}.', flush=True)
   builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
 
 

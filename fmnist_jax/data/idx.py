@@ -17,12 +17,14 @@ from fmnist_jax.errors import UserError
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
+_KINDS = {IMAGES_MAGIC: ('images', 3), LABELS_MAGIC: ('labels', 1)}  # magic -> (kind, dims)
 
 # tfds's split name -> (images file, labels file, number of examples).
 FILES = {
     'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz', NUM_TRAIN),
     'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz', NUM_TEST),
 }
+NAMES = tuple(name for images, labels, _ in FILES.values() for name in (images, labels))
 
 
 class IdxError(UserError):
@@ -51,13 +53,12 @@ def read_bytes(path: str) -> bytes:
 
 def parse(data: bytes, path: str, magic: int) -> np.ndarray:
   """Parses IDX bytes into a uint8 array, checking magic number, dimensions and length."""
-  ndim = {IMAGES_MAGIC: 3, LABELS_MAGIC: 1}[magic]
+  kind, ndim = _KINDS[magic]
   header_len = 4 + 4 * ndim
   if len(data) < header_len:
     raise IdxError(f'{path}: too short for an IDX header ({len(data)} bytes).')
   found = int.from_bytes(data[:4], 'big')
   if found != magic:
-    kind = 'images' if magic == IMAGES_MAGIC else 'labels'
     raise IdxError(f'{path}: wrong IDX magic number 0x{found:08x}, expected 0x{magic:08x} for '
                    f'{kind}; is this the right file?')
   dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
@@ -92,8 +93,7 @@ def load_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def has_files(directory: str) -> bool:
   """Whether `directory` holds all four Fashion-MNIST IDX files (content unchecked)."""
-  return all(os.path.isfile(os.path.join(directory, name))
-             for images, labels, _ in FILES.values() for name in (images, labels))
+  return all(os.path.isfile(os.path.join(directory, name)) for name in NAMES)
 
 
 def write(path: str, array: np.ndarray, compress: bool = True) -> None:

@@ -7,11 +7,6 @@ margins shrinks to a blob in the middle of the frame. Two steps the dataset did 
 first, for photos taken at home: a soft cast shadow is told from the article by its soft edges
 and measured as part of the background, and an article turned by up to 15 degrees is turned back
 upright (the dataset's articles are upright and axis-aligned).
-
-    to_fashion_mnist(pil_image) -> uint8 [28, 28]
-    load(path) -> uint8 [28, 28]              (ImageFileError, one line, for unreadable files)
-    load_with_original(path) -> (uint8 picture for display, uint8 [28, 28])
-    conversion_steps(pil_image) -> [(name, array), ...]   (for a figure of the steps)
 """
 
 import io
@@ -38,8 +33,7 @@ OUTLINE_SHARE = 0.35
 # A cast shadow is on average at most this share of the article's size deep.
 MAX_DEPTH = 0.12
 # When soft edges alone leave out this share of what differs from the background, there is a
-# shadow (less is the article's own soft margin), and edges that rise by less than a good part of
-# the darkness two pixels away go too.
+# shadow (less is the article's own soft margin).
 SHADOW_FOUND = 0.04
 # A cast shadow covers at most this share of what differs from the background.
 SHADOW_SHARE = 0.35
@@ -51,6 +45,7 @@ _ANGLES = np.deg2rad(np.arange(-MAX_TILT - 5, MAX_TILT + 5.01, 0.25))
 TILT_GAIN = 0.96
 # ...or by more than this, when the direction of its outlines agrees.
 TILT_GAIN_AGREED = 0.99
+_EIGHT = np.ones((3, 3), bool)  # A pixel's eight neighbours: what touches diagonally is joined.
 
 
 class ImageFileError(UserError):
@@ -90,11 +85,8 @@ def _gray_levels(image: Image.Image) -> np.ndarray:
 
 
 def to_rgb_or_gray(image: Image.Image) -> np.ndarray:
-  """Any PIL image as float32 0-255, [H, W] (gray) or [H, W, 3] (colour).
-
-  Transparency is composited on white (like a web page); 16/32-bit grayscale is scaled to 0-255;
-  CMYK, palette and other modes go through Pillow's RGB conversion.
-  """
+  """Any PIL image as float32 0-255, [H, W] (gray) or [H, W, 3] (colour): transparency on white
+  (like a web page), 16/32-bit gray scaled, other modes through Pillow's RGB conversion."""
   if image.mode in ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F'):
     return _gray_levels(image)
   if image.mode in ('1', 'L'):
@@ -115,14 +107,11 @@ def _gray(pixels: np.ndarray) -> np.ndarray:
 
 
 def _background(pixels: np.ndarray):
-  """A smooth background model fitted to the picture's border, and the border's noise level.
+  """(background [H, W, C] float32, noise): a smooth surface fitted to the picture's border.
 
-  Fits c0 + c1 x + c2 y + c3 x y per channel (a bilinear surface: uniform, gradient or a shadow
-  across the frame) to the border pixels, twice, the second time without the border pixels that
-  the first fit calls outliers (an object touching the frame).
-
-  Returns:
-    (background [H, W, C] float32, noise: a robust high quantile of the border residuals).
+  Fits c0 + c1 x + c2 y + c3 x y per channel (uniform, a gradient or a shadow across the frame)
+  to the border pixels twice, the second time without the first fit's outliers (an object
+  touching the frame); the noise is a high quantile of the border's residuals.
   """
   h, w = pixels.shape[:2]
   channels = pixels.reshape(h, w, -1)
@@ -154,6 +143,27 @@ def _background(pixels: np.ndarray):
   return background, noise
 
 
+def _box(mask: np.ndarray, pad: int = 0) -> tuple[slice, slice]:
+  """The bounding box of `mask`'s pixels, `pad` pixels wider on each side (within the picture)."""
+  rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+  return (slice(max(rows[0] - pad, 0), rows[-1] + pad + 1),
+          slice(max(cols[0] - pad, 0), cols[-1] + pad + 1))
+
+
+def _longest_side(mask: np.ndarray) -> int:
+  rows, cols = _box(mask)
+  return max(rows.stop - rows.start, cols.stop - cols.start)
+
+
+def _drop_specks(mask: np.ndarray) -> np.ndarray:
+  """The mask without the blobs much smaller than its largest one."""
+  labels, count = ndimage.label(mask, _EIGHT)
+  if count < 2:
+    return mask
+  areas = np.bincount(labels.ravel())[1:]
+  return np.isin(labels, 1 + np.flatnonzero(areas >= 0.02 * areas.max()))
+
+
 def _object_mask(pixels: np.ndarray, background: np.ndarray, noise: float) -> np.ndarray:
   """Pixels whose colour stands out from the background, cleaned of noise and texture specks."""
   h, w = pixels.shape[:2]
@@ -161,12 +171,8 @@ def _object_mask(pixels: np.ndarray, background: np.ndarray, noise: float) -> np
   distance = np.sqrt(np.einsum('ijk,ijk->ij', difference, difference))
   mask = distance > max(TOLERANCE, 1.5 * noise)
   if min(h, w) >= 64:  # Specks of JPEG noise or texture go; a photo's object is thicker than 3 px.
-    mask = ndimage.binary_opening(mask, np.ones((3, 3), bool))
-  labels, count = ndimage.label(mask, np.ones((3, 3), bool))
-  if count > 1:  # Keep the object's parts; drop stray blobs much smaller than the largest part.
-    areas = np.bincount(labels.ravel())[1:]
-    mask = np.isin(labels, 1 + np.flatnonzero(areas >= 0.02 * areas.max()))
-  return mask
+    mask = ndimage.binary_opening(mask, _EIGHT)
+  return _drop_specks(mask)  # The object's parts stay; stray blobs go.
 
 
 def _sharp_extent(gray: np.ndarray, background_gray: np.ndarray, mask: np.ndarray,
@@ -174,11 +180,10 @@ def _sharp_extent(gray: np.ndarray, background_gray: np.ndarray, mask: np.ndarra
   """The object mask without what reaches it from outside across soft edges only: a cast shadow.
 
   A shadow darkens the background smoothly; the article's outline rises within about one
-  Fashion-MNIST pixel (1/28 of its size). Pixels rising that fast, by more than twice the trim
-  tolerance and by a good part of the darkness around them, are outline; the background floods
-  the mask through the other pixels that a shadow could be (lighter than MAX_SHADOW darkening),
-  for at most a quarter of the article's size (so a faint part with a soft edge loses its margin,
-  not its inside).
+  Fashion-MNIST pixel (1/28 of its size), by more than twice the trim tolerance and by a good
+  part of the darkness around it. The background floods the mask through the other pixels that a
+  shadow could be, for at most a quarter of the article's size (so a faint part with a soft edge
+  loses its margin, not its inside).
 
   Args:
     gray, background_gray: the picture and its border model, float 0-255 [H, W].
@@ -189,12 +194,9 @@ def _sharp_extent(gray: np.ndarray, background_gray: np.ndarray, mask: np.ndarra
   Returns:
     The mask without the shadow; the mask itself when what would go is more than a shadow.
   """
-  rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-  size = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+  size = _longest_side(mask)
   pixel = max(1.0, size / SIZE)  # One Fashion-MNIST pixel at this scale.
-  pad = int(pixel) + 2
-  box = (slice(max(rows[0] - pad, 0), rows[-1] + pad + 1),
-         slice(max(cols[0] - pad, 0), cols[-1] + pad + 1))
+  box = _box(mask, int(pixel) + 2)
   inside = mask[box]
   # Relative to the background's brightness (as a shadow darkens), in 0-255 units.
   shade = gray[box] / np.maximum(background_gray[box], 1)
@@ -211,7 +213,7 @@ def _sharp_extent(gray: np.ndarray, background_gray: np.ndarray, mask: np.ndarra
   flooded = ndimage.binary_dilation(flooded, iterations=reach, mask=soft) & inside
   # A shadow lies along the outside, a few pixels deep; a flood that came in through a gap in a
   # faint outline spreads inside the article, far from the narrow gap it used.
-  labels, count = ndimage.label(flooded, np.ones((3, 3), bool))
+  labels, count = ndimage.label(flooded, _EIGHT)
   if count:
     touching = flooded & ndimage.binary_dilation(~inside)
     area = np.bincount(labels.ravel(), minlength=count + 1)[1:]
@@ -222,11 +224,7 @@ def _sharp_extent(gray: np.ndarray, background_gray: np.ndarray, mask: np.ndarra
     return mask
   article = np.zeros_like(mask)
   article[box] = inside & ~flooded
-  labels, count = ndimage.label(article, np.ones((3, 3), bool))
-  if count > 1:  # As in _object_mask: drop specks left between the article and its shadow.
-    areas = np.bincount(labels.ravel())[1:]
-    article = np.isin(labels, 1 + np.flatnonzero(areas >= 0.02 * areas.max()))
-  return article
+  return _drop_specks(article)  # Specks left between the article and its shadow go.
 
 
 def _fill(values: np.ndarray, known: np.ndarray) -> np.ndarray:
@@ -248,10 +246,8 @@ def _fill(values: np.ndarray, known: np.ndarray) -> np.ndarray:
 
 def _shading(gray: np.ndarray, background_gray: np.ndarray, article: np.ndarray,
              size: float) -> np.ndarray:
-  """The background's brightness over its border model, a smooth field (a shadow is below 1).
-
-  Measured around the article and filled in under it from its surroundings.
-  """
+  """The background's brightness over its border model (a shadow is below 1): a smooth field
+  measured around the article and filled in under it from its surroundings."""
   known = ~ndimage.binary_dilation(ndimage.binary_fill_holes(article),
                                    iterations=max(1, int(size / 56)))
   ratio = np.clip(gray / np.maximum(background_gray, 1), 0, 1.5)
@@ -260,11 +256,8 @@ def _shading(gray: np.ndarray, background_gray: np.ndarray, article: np.ndarray,
 
 
 def _intensity(gray: np.ndarray, background_gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """Fashion-MNIST intensity 0-255: how far each pixel is from the background, toward the object.
-
-  A dark object on a light background is negated relative to the local background level (on white
-  this is exactly 255 - gray); a light object on a dark background is measured up from it.
-  """
+  """Fashion-MNIST intensity 0-255: how far each pixel is from the background, toward the object
+  (on white, a dark object's is exactly 255 - gray)."""
   diff = gray - background_gray
   dark_object = np.median(diff[mask]) < 0 if mask.any() else True
   if dark_object:
@@ -281,10 +274,6 @@ def _resize_longest(crop: np.ndarray) -> np.ndarray:
   size = (max(1, min(SIZE, round(w * scale))), max(1, min(SIZE, round(h * scale))))
   resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
   return np.asarray(Image.fromarray(crop.astype(np.float32)).resize(size, resample))
-
-
-def _sharpen(small: np.ndarray) -> np.ndarray:
-  return np.clip(ndimage.correlate(small, SHARPEN, mode='nearest'), 0, 255)
 
 
 def _centre(small: np.ndarray) -> np.ndarray:
@@ -334,17 +323,16 @@ def _tilt(article: np.ndarray, intensity: np.ndarray | None = None) -> float:
 
 def _turn(intensity: np.ndarray, article: np.ndarray, angle: float):
   """Turns the article's neighbourhood back by `angle` degrees: (intensity, article mask)."""
-  rows, cols = np.flatnonzero(article.any(axis=1)), np.flatnonzero(article.any(axis=0))
-  pad = int(np.ceil(0.3 * max(rows[-1] - rows[0], cols[-1] - cols[0]))) + 2
-  box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+  pad = int(np.ceil(0.3 * (_longest_side(article) - 1))) + 2
+  box = _box(article)
   room = ((pad, pad), (pad, pad))  # So the corners are not cut off.
   turned = [np.asarray(Image.fromarray(np.pad(a[box], room).astype(np.float32)).rotate(
       -angle, Image.Resampling.BILINEAR)) for a in (intensity, article)]
   return turned[0], turned[1] > 0.5
 
 
-def _steps(image: Image.Image) -> list[tuple[str, np.ndarray]]:
-  """The conversion's intermediate arrays, the last one being the uint8 [28, 28] result."""
+def conversion_steps(image: Image.Image) -> list[tuple[str, np.ndarray]]:
+  """(name, array) for each step of `to_fashion_mnist`, for a figure; the last is the result."""
   if max(image.size) > WORK_SIZE:  # Detection needs no more pixels than this; keeps it quick.
     image = image.copy()
     image.thumbnail((WORK_SIZE, WORK_SIZE), Image.Resampling.BOX)
@@ -372,24 +360,22 @@ def _steps(image: Image.Image) -> list[tuple[str, np.ndarray]]:
   if (np.median(gray[mask] - background_gray[mask]) < 0 and
       _sharp_extent(gray, background_gray, mask).sum() < (1 - SHADOW_FOUND) * mask.sum()):
     article = _sharp_extent(gray, background_gray, mask, reach_around=2.0)  # Sharper parts too.
-    rows, cols = np.flatnonzero(article.any(axis=1)), np.flatnonzero(article.any(axis=0))
-    size = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+    size = _longest_side(article)
     background_gray = background_gray * _shading(gray, background_gray, article, size)
     steps.append(('sharp-edged article', article))
     steps.append(('background and shadow', background_gray))
   filled = ndimage.binary_fill_holes(article)
-  near_article = ndimage.binary_dilation(filled, np.ones((3, 3), bool), iterations=2)
+  near_article = ndimage.binary_dilation(filled, _EIGHT, iterations=2)
   intensity = _intensity(gray, background_gray, filled) * near_article
   angle = _tilt(filled, intensity)
   if angle:
     intensity, filled = _turn(intensity, filled, angle)
     steps.append((f'turned back {-angle:+.0f} deg', intensity))
-  rows, cols = np.flatnonzero(filled.any(axis=1)), np.flatnonzero(filled.any(axis=0))
-  box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+  box = _box(filled)
   steps.append(('trimmed, negated', intensity[box]))
   small = _resize_longest(intensity[box])
   steps.append(('longest edge 28', small))
-  sharp = _sharpen(small)
+  sharp = np.clip(ndimage.correlate(small, SHARPEN, mode='nearest'), 0, 255)
   steps.append(('sharpened', sharp))
   steps.append(('centred 28x28', np.round(_centre(sharp)).astype(np.uint8)))
   return steps
@@ -398,25 +384,14 @@ def _steps(image: Image.Image) -> list[tuple[str, np.ndarray]]:
 def to_fashion_mnist(image: Image.Image) -> np.ndarray:
   """Converts any PIL image to uint8 [28, 28] the way Fashion-MNIST's images were made.
 
-  The background is modelled from the picture's border (its colour, a gradient across the frame,
-  its noise level); the object is what stands out from it by more than the dataset's 5% or the
-  noise, whichever is larger. On a light background, what reaches the object from outside across
-  soft edges only is a cast shadow: it is left out, and the background's brightness there (a
-  smooth shading field, filled in under the article) is what the article is measured against. An
-  article whose bounding box shrinks clearly when turned by up to 15 degrees is turned back. The
-  picture is trimmed to the article, the longest edge resized to 28, sharpened (radius 1, sigma
-  1), centred, and turned into a light object on black. A 28x28 picture is kept as it is
-  (inverted only if its background is light).
+  The object is what stands out from a background modelled on the picture's border by more than
+  the dataset's 5% or the border's noise. A 28x28 picture is kept as it is (inverted only if its
+  background is light).
 
   Raises:
     ImageFileError: nothing stands out from the background.
   """
-  return _steps(image)[-1][1]
-
-
-def conversion_steps(image: Image.Image) -> list[tuple[str, np.ndarray]]:
-  """(name, array) for each step of `to_fashion_mnist`, for a figure; the last is the result."""
-  return _steps(image)
+  return conversion_steps(image)[-1][1]
 
 
 def _open(path: str) -> Image.Image:
@@ -455,7 +430,7 @@ def load_with_original(path: str) -> tuple[np.ndarray, np.ndarray]:
   """
   image = _open(path)
   try:
-    steps = _steps(image)
+    steps = conversion_steps(image)
   except ImageFileError as e:
     raise ImageFileError(f'{path}: {e}') from None
   return np.round(steps[0][1]).astype(np.uint8), steps[-1][1]
@@ -467,10 +442,8 @@ def load(path: str) -> np.ndarray:
 
 
 def load_all(paths) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
-  """Reads many files: ([(path, uint8 [28, 28]), ...] in order, one-line errors of the others).
-
-  A file named twice is read twice; a bad file does not stop the others.
-  """
+  """Reads many files: ([(path, uint8 [28, 28]), ...] in order, one-line errors of the others);
+  a bad file does not stop the others, a file named twice is read twice."""
   loaded, errors = [], []
   for path in paths:
     try:

@@ -4,11 +4,8 @@ Each family makes a realistic picture from a 28x28 test image: the article upsca
 smooth resample (as a camera would see it), drawn dark on a light background (or light on a dark
 one), with margins, on a canvas of some other shape, saved the way a user's file would be. The
 picture then goes through `images.to_fashion_mnist` like any file given to `predict`, and the
-model's accuracy per family is set beside its accuracy on the untouched test images.
-
-    results = robustness.evaluate(probs_fn, test_images, test_labels, n_per_family=1000)
-
-Everything is deterministic from the seed.
+model's accuracy per family is set beside its accuracy on the untouched test images. Everything
+is deterministic from the seed.
 """
 
 import io
@@ -147,13 +144,9 @@ def make_photo(image: np.ndarray, family: str, rng: np.random.Generator) -> Imag
   return _encode(picture, 'PNG')
 
 
-def _family_seed(seed: int, family: str) -> int:
-  return seed * 1000 + list(FAMILIES).index(family)
-
-
 def photos(images: np.ndarray, family: str, seed: int = 0) -> list[Image.Image]:
   """Every image of `images` as a picture of `family`, deterministic from the seed."""
-  rng = np.random.default_rng(_family_seed(seed, family))
+  rng = np.random.default_rng(seed * 1000 + list(FAMILIES).index(family))  # One per family.
   return [make_photo(image, family, rng) for image in images]
 
 
