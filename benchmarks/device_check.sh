@@ -25,11 +25,12 @@ SECONDS=0
 
 "$PY" - <<'PY'
 import importlib.util, json, os
-from fmnist_jax import data, idx
+from fmnist_jax import data
+from fmnist_jax.data import idx
 root = os.environ['TFDS_DATA_DIR']
 if data._load_copy(root) is None and importlib.util.find_spec('tensorflow') is None:
   src = next(d for d in (os.environ.get(data.MANUAL_DIR_ENV), data.DEBIAN_DIR) if d and idx.has_files(d))
-  arrays = {s: dict(zip(('image', 'label'), idx.load_split(src, s))) for s in data.SPLITS}
+  arrays = data.read_idx(src)
   version = '3.0.1'
   os.makedirs(os.path.join(root, data.DATASET, version), exist_ok=True)
   with open(os.path.join(root, data.DATASET, version, 'dataset_info.json'), 'w') as f:
