@@ -221,7 +221,8 @@ def gpu_roofline(gpu: GpuTarget, dtype: str, flops: float, bytes_accessed: float
   """roofline_seconds on `gpu`: peak FLOP/s from fmnist_jax.hardware, bandwidth from its spec."""
   peak = peak_flops(gpu.device_kind, dtype)
   if peak is None:
-    raise UserError(f'no peak FLOP/s for {gpu.device_kind} ({dtype}) in fmnist_jax/hardware/targets.py.')
+    raise UserError(f'no peak FLOP/s for {gpu.device_kind} ({dtype}) in '
+                    'fmnist_jax/hardware/targets.py.')
   return roofline_seconds(flops, bytes_accessed, peak, gpu.spec['memory_bandwidth'])
 
 
