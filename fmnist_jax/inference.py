@@ -88,8 +88,7 @@ def predict_probs(model: ModelSpec, graphdef, params, images: np.ndarray,
 
 
 def make_probs_fn(model: ModelSpec, graphdef):
-  """probs(params, uint8 images [B, 28, 28]) -> [B, 10]: softmax, the mean over models if
-  several."""
+  """probs(params, uint8 images [B, 28, 28]) -> [B, 10]: softmax, mean over models if several."""
   def logits_fn(params, images):
     return model_lib.apply(graphdef, params, images, jnp.dtype(model.compute_dtype))
   if model.num_models > 1:
