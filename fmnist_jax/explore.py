@@ -35,18 +35,21 @@ _FIGURES_DIR = flags.DEFINE_string('figures_dir', None,
                                    'Where figures go; default: <workdir>/figures.')
 
 
-def summarize(arrays) -> dict:
-  """The numbers the tutorial prints, plus per-class counts."""
+def print_summary(arrays) -> None:
+  """Prints the numbers the tutorial prints, and the images per class."""
   train, test = arrays['train'], arrays['test']
-  return {
-      'train_images_shape': list(train['image'].shape), 'train_labels_count': len(train['label']),
-      'train_labels_head': train['label'][:10].tolist(),
-      'test_images_shape': list(test['image'].shape), 'test_labels_count': len(test['label']),
-      'pixel_min': int(train['image'].min()), 'pixel_max': int(train['image'].max()),
-      'dtype': str(train['image'].dtype),
-      'train_per_class': dict(zip(CLASS_NAMES, np.bincount(train['label'], minlength=10).tolist())),
-      'test_per_class': dict(zip(CLASS_NAMES, np.bincount(test['label'], minlength=10).tolist())),
-  }
+  print(f'train_images.shape: {train["image"].shape}  ({train["image"].dtype})')
+  print(f'len(train_labels): {len(train["label"])}')
+  print(f'train_labels: {train["label"][:10].tolist()} ...')
+  print(f'test_images.shape: {test["image"].shape}')
+  print(f'len(test_labels): {len(test["label"])}')
+  print(f'pixel values: {train["image"].min()} to {train["image"].max()} '
+        '(divide by 255 for [0, 1])')
+  train_counts = np.bincount(train['label'], minlength=10)
+  test_counts = np.bincount(test['label'], minlength=10)
+  print(f'{"class":12s} {"train":>6s} {"test":>6s}')
+  for name, in_train, in_test in zip(CLASS_NAMES, train_counts, test_counts):
+    print(f'{name:12s} {in_train:6d} {in_test:6d}')
 
 
 def write_figures(arrays, workdir: str, out: str) -> list[str]:
@@ -78,16 +81,7 @@ def main(argv):
   del argv
   workdir = os.path.abspath(_WORKDIR.value)
   arrays = data.load(data_config(workdir, _CONFIG.value), verbose=True)
-  s = summarize(arrays)
-  print(f'train_images.shape: {tuple(s["train_images_shape"])}  ({s["dtype"]})')
-  print(f'len(train_labels): {s["train_labels_count"]}')
-  print(f'train_labels: {s["train_labels_head"]} ...')
-  print(f'test_images.shape: {tuple(s["test_images_shape"])}')
-  print(f'len(test_labels): {s["test_labels_count"]}')
-  print(f'pixel values: {s["pixel_min"]} to {s["pixel_max"]} (divide by 255 for [0, 1])')
-  print(f'{"class":12s} {"train":>6s} {"test":>6s}')
-  for name in CLASS_NAMES:
-    print(f'{name:12s} {s["train_per_class"][name]:6d} {s["test_per_class"][name]:6d}')
+  print_summary(arrays)
   out = workdir_lib.figures_folder(workdir, _FIGURES_DIR.value or '')
   for path in write_figures(arrays, workdir, out) if out else []:
     print(f'wrote {path}')

@@ -1,12 +1,11 @@
 """Command line: the trainer's programs for chips this machine does not have.
 
     python -m fmnist_jax.export --config configs/base.py --platforms tpu,cuda --devices 8 --out DIR
-    python -m fmnist_jax.export --config configs/base.py --tpu v5e:1x1,v5e:2x4 --out DIR
-    python -m fmnist_jax.export --config configs/base.py --gpu t4,h100 --out DIR
+    python -m fmnist_jax.export --config configs/base.py --tpu v5e:1x1 --gpu t4,h100 --out DIR
 
-The first lowers them with jax.export and writes a predict model file (hardware/lowering.py);
---tpu and --gpu compile them with XLA:TPU and XLA:GPU and estimate their cost
-(hardware/compile_check.py). Only flag parsing lives here.
+The first lowers them with jax.export and writes a predict model file (hardware/lowering.py); the
+second compiles them with XLA:TPU and XLA:GPU and estimates their time (hardware/compile_check.py).
+Only flag parsing lives here.
 """
 
 if __name__ == '__main__':  # The command's first instruction: Ctrl-C and SIGTERM are caught.

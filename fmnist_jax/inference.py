@@ -1,5 +1,5 @@
-"""Inference from a trained workdir: load_trained (read-only), class probabilities, and the test
-set's confusion matrix and per-class table.
+"""Inference from a trained workdir: load_trained, class probabilities, the test set's confusion
+matrix and per-class table.
 
 Reading never changes the workdir (no folders created, no temporary checkpoints cleaned, nothing
 moved), so it is safe beside a training that is writing into the same workdir.
@@ -91,7 +91,7 @@ def predict_probs(model: ModelSpec, graphdef, params, images: np.ndarray,
 
 
 def make_probs_fn(model: ModelSpec, graphdef):
-  """probs(params, uint8 images [B, 28, 28]) -> [B, 10]: softmax, averaged over models if several."""
+  """probs(params, uint8 images [B, 28, 28]) -> [B, 10]: softmax, mean over models if several."""
   def logits_fn(params, images):
     return model_lib.apply(graphdef, params, images, jnp.dtype(model.compute_dtype))
   if model.num_models > 1:

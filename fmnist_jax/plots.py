@@ -1,7 +1,5 @@
-"""The tutorial's figures and a few more. Each function takes arrays and returns a Figure.
-
-Usable inline in a notebook; the CLIs save them with `save()` under a headless backend.
-"""
+"""The tutorial's figures and a few more. Each function takes arrays and returns a Figure, shown
+inline in a notebook; the commands save them with `save()` under a headless backend."""
 
 import io
 import os
@@ -15,7 +13,7 @@ from fmnist_jax import CLASS_NAMES
 from fmnist_jax.run import workdir as workdir_lib
 from fmnist_jax.errors import UserError
 
-RIGHT, WRONG, NEUTRAL = 'tab:blue', 'tab:red', '#777777'
+RIGHT, WRONG, NEUTRAL, LIGHT = 'tab:blue', 'tab:red', '#777777', '#bbbbbb'
 
 
 def save(fig: Figure, directory: str, name: str) -> str:
@@ -48,6 +46,18 @@ def training_curves_figure(workdir: str, out: str) -> str | None:
   return save(training_curves(history), out, 'training_curves')
 
 
+def _show(ax, image, title: str = '', **imshow) -> None:
+  """An image without ticks."""
+  ax.imshow(image, **imshow)
+  ax.set(xticks=[], yticks=[], title=title)
+
+
+def _show_picture(ax, picture, title: str = '') -> None:
+  """A user's picture as it is: colour as colour, gray as gray (not the tutorial's binary map)."""
+  gray = {'cmap': 'gray', 'vmin': 0, 'vmax': 255} if picture.ndim == 2 else {}
+  _show(ax, picture, title, **gray)
+
+
 def image_with_colorbar(image: np.ndarray, title: str = '') -> Figure:
   """One image with a colorbar showing the 0-255 pixel range (the tutorial's first figure)."""
   fig = Figure(figsize=(4, 3.5))
@@ -64,28 +74,36 @@ def image_grid(images: np.ndarray, labels: np.ndarray, rows: int = 5, cols: int 
   fig = Figure(figsize=(2 * cols, 2 * rows))
   for i in range(min(rows * cols, len(images))):
     ax = fig.add_subplot(rows, cols, i + 1)
-    ax.imshow(images[i], cmap='binary')
-    ax.set(xticks=[], yticks=[])
+    _show(ax, images[i], cmap='binary')
     ax.set_xlabel(CLASS_NAMES[int(labels[i])])
   fig.tight_layout()
   return fig
 
 
-def _plot_image(ax, image, probs, true_label):
+def _plot_image(ax, image, probs, true_label: int | None) -> None:
+  """The 28x28 input, labelled 'predicted confidence% (true)': blue when right, red when wrong;
+  without a true label, black."""
   predicted = int(np.argmax(probs))
-  ax.imshow(image, cmap='binary')
-  ax.set(xticks=[], yticks=[])
-  color = RIGHT if predicted == true_label else WRONG
-  ax.set_xlabel(f'{CLASS_NAMES[predicted]} {100 * np.max(probs):2.0f}% '
-                f'({CLASS_NAMES[true_label]})', color=color)
+  _show(ax, image, cmap='binary')
+  label = f'{CLASS_NAMES[predicted]} {100 * np.max(probs):2.0f}%'
+  if true_label is None:
+    ax.set_xlabel(label, color='black')
+  else:
+    ax.set_xlabel(f'{label} ({CLASS_NAMES[true_label]})',
+                  color=RIGHT if predicted == true_label else WRONG)
 
 
-def _plot_bars(ax, probs, true_label, names=False):
+def _plot_bars(ax, probs, true_label: int | None, names: bool = False) -> None:
+  """The 10 confidences: the true class blue, a wrong prediction red; without a true label, the
+  prediction gray among lighter bars (nothing says whether it is right)."""
   predicted = int(np.argmax(probs))
-  bars = ax.bar(range(10), probs, color=NEUTRAL)
+  bars = ax.bar(range(10), probs, color=LIGHT if true_label is None else NEUTRAL)
   ax.set_ylim(0, 1)
-  bars[predicted].set_color(WRONG)
-  bars[true_label].set_color(RIGHT)  # Blue wins when the prediction is right.
+  if true_label is None:
+    bars[predicted].set_color(NEUTRAL)
+  else:
+    bars[predicted].set_color(WRONG)
+    bars[true_label].set_color(RIGHT)  # Blue wins when the prediction is right.
   if names:
     ax.set_xticks(range(10), CLASS_NAMES, rotation=45, ha='right')
   else:
@@ -173,38 +191,15 @@ def training_curves(history: list[dict]) -> Figure:
   return fig
 
 
-def _show_picture(ax, picture, title):
-  """A user's picture as it is: colour as colour, gray as gray (not the tutorial's binary map)."""
-  if picture.ndim == 2:
-    ax.imshow(picture, cmap='gray', vmin=0, vmax=255)
-  else:
-    ax.imshow(picture)
-  ax.set(xticks=[], yticks=[], title=title)
-
-
 def file_prediction(original, converted, probs, true_label: int | None = None,
                     title: str = '') -> Figure:
-  """A file's picture, the 28x28 input it became, and the model's 10-class bars.
-
-  The input and bars are drawn as the tutorial's plot_image/plot_value_array. Without a true
-  label the predicted class is shown in a neutral colour (nothing says whether it is right).
-  """
+  """A file's picture, the 28x28 input it became, and the model's 10-class bars, drawn as the
+  tutorial's plot_image/plot_value_array."""
   fig = Figure(figsize=(10, 3.2))
+  true_label = None if true_label is None else int(true_label)
   _show_picture(fig.add_subplot(1, 3, 1), np.asarray(original), title or 'your picture')
-  ax = fig.add_subplot(1, 3, 2)
-  predicted = int(np.argmax(probs))
-  if true_label is None:
-    ax.imshow(converted, cmap='binary')
-    ax.set(xticks=[], yticks=[])
-    ax.set_xlabel(f'{CLASS_NAMES[predicted]} {100 * np.max(probs):2.0f}%', color='black')
-    ax = fig.add_subplot(1, 3, 3)
-    bars = ax.bar(range(10), probs, color='#bbbbbb')
-    bars[predicted].set_color(NEUTRAL)
-    ax.set_ylim(0, 1)
-    ax.set_xticks(range(10), CLASS_NAMES, rotation=45, ha='right')
-  else:
-    _plot_image(ax, converted, probs, int(true_label))
-    _plot_bars(fig.add_subplot(1, 3, 3), probs, int(true_label), names=True)
+  _plot_image(fig.add_subplot(1, 3, 2), converted, probs, true_label)
+  _plot_bars(fig.add_subplot(1, 3, 3), probs, true_label, names=True)
   fig.axes[1].set_title('what the model saw (28x28)')
   fig.tight_layout()
   return fig
@@ -219,28 +214,23 @@ def conversion_steps(steps) -> Figure:
     if k == 0:
       _show_picture(ax, np.clip(array, 0, 255).astype(np.uint8), name)
     else:
-      ax.imshow(array, cmap='gray', vmin=0, vmax=1 if array.dtype == bool else 255)
-      ax.set(xticks=[], yticks=[], title=name)
+      _show(ax, array, name, cmap='gray', vmin=0, vmax=1 if array.dtype == bool else 255)
     ax.set_xlabel(f'{array.shape[1]}x{array.shape[0]}', fontsize=8)
   fig.tight_layout()
   return fig
 
 
-def robustness(results: dict, reference: str = 'untouched', floors: dict | None = None) -> Figure:
+def robustness(results: dict) -> Figure:
   """Accuracy per photo family as bars, the untouched test images' accuracy as a line."""
-  names = [f for f in results if f != reference]
+  names = [f for f in results if f != 'untouched']
   acc = [results[f]['accuracy'] for f in names]
   fig = Figure(figsize=(10, 4))
   ax = fig.add_subplot()
   ax.bar(range(len(names)), acc, color=RIGHT)
-  if reference in results:
-    ref = results[reference]['accuracy']
-    ax.axhline(ref, color='black', lw=1, label=f'{reference} test images ({ref:.3f})')
-    ax.axhline(ref - 0.05, color='black', lw=1, ls=':', label='5 points below')
-  if floors:
-    ax.scatter([i for i, f in enumerate(names) if f in floors],
-               [floors[f] for f in names if f in floors], marker='_', s=300, color=WRONG,
-               label='test floor', zorder=3)
+  if 'untouched' in results:
+    untouched = results['untouched']['accuracy']
+    ax.axhline(untouched, color='black', lw=1, label=f'untouched test images ({untouched:.3f})')
+    ax.axhline(untouched - 0.05, color='black', lw=1, ls=':', label='5 points below')
   for i, a in enumerate(acc):
     ax.text(i, a + 0.01, f'{a:.2f}', ha='center', fontsize=8)
   count = next(iter(results.values()))['count']
@@ -259,11 +249,10 @@ def robustness_examples(examples: dict) -> Figure:
   for row, (family, pairs) in enumerate(examples.items()):
     for k, (picture, converted) in enumerate(pairs):
       ax = fig.add_subplot(len(examples), 2 * per, row * 2 * per + 2 * k + 1)
-      _show_picture(ax, picture, '')
+      _show_picture(ax, picture)
       if k == 0:
         ax.set_ylabel(family, rotation=0, ha='right', va='center', fontsize=8)
-      ax = fig.add_subplot(len(examples), 2 * per, row * 2 * per + 2 * k + 2)
-      ax.imshow(converted, cmap='binary')
-      ax.set(xticks=[], yticks=[])
+      _show(fig.add_subplot(len(examples), 2 * per, row * 2 * per + 2 * k + 2), converted,
+            cmap='binary')
   fig.tight_layout()
   return fig

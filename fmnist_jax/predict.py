@@ -5,10 +5,8 @@
     python -m fmnist_jax.predict --workdir workdirs/base --json *.png
     python -m fmnist_jax.predict --workdir workdirs/base --robustness   # photos made from tests
 
-Only the command line lives here; the library functions work in a notebook too:
-fmnist_jax.inference (load_trained, predict_probs, confusion_matrix, per_class_table),
-fmnist_jax.plots for the figures. Nothing here changes
-the workdir's training files: checkpoints are opened read-only.
+Only the command line lives here (a notebook calls fmnist_jax.inference and fmnist_jax.plots).
+The workdir's training files are never changed: checkpoints are opened read-only.
 """
 
 if __name__ == '__main__':  # The command's first instruction: Ctrl-C and SIGTERM are caught.
@@ -46,9 +44,7 @@ _ROBUSTNESS_IMAGES = flags.DEFINE_integer('robustness_images', 300,
 def evaluate_test_set(workdir: str, index: int = 0, figures_dir: str | None = '',
                       as_json: bool = False) -> dict:
   """The tutorial's second half on the test set: prints, figures, confusion, per-class table.
-
-  `figures_dir`: '' = <workdir>/figures, None = no figures.
-  """
+  `figures_dir`: '' = <workdir>/figures, None = no figures (the same in the other reports)."""
   from fmnist_jax import inference  # pylint: disable=g-import-not-at-top  (JAX)
   trained = _load(workdir)
   config = trained.config
@@ -61,10 +57,10 @@ def evaluate_test_set(workdir: str, index: int = 0, figures_dir: str | None = ''
   matrix = inference.confusion_matrix(labels, predicted)
   table = inference.per_class_table(matrix)
   accuracy = float((predicted == labels).mean())
-  result = {'test_accuracy': accuracy, 'num_models': config.num_models, 'first_prediction': {
-      'index': index, 'confidences': probs[index].round(6).tolist(),
-      'predicted': int(predicted[index]), 'predicted_class': CLASS_NAMES[predicted[index]],
-      'label': int(labels[index]), 'label_class': CLASS_NAMES[labels[index]]},
+  first = {'index': index, 'confidences': probs[index].round(6).tolist(),
+           'predicted': int(predicted[index]), 'predicted_class': CLASS_NAMES[predicted[index]],
+           'label': int(labels[index]), 'label_class': CLASS_NAMES[labels[index]]}
+  result = {'test_accuracy': accuracy, 'num_models': config.num_models, 'first_prediction': first,
             'per_class': table, 'confusion_matrix': matrix.tolist()}
   out = workdir_lib.figures_folder(workdir, figures_dir)
   if out:
@@ -86,7 +82,6 @@ def evaluate_test_set(workdir: str, index: int = 0, figures_dir: str | None = ''
   if as_json:
     print(json.dumps(result))
     return result
-  first = result['first_prediction']
   print(f'Prediction for test image {index}: {np.array2string(probs[index], precision=4)}')
   print(f'argmax: {first["predicted"]} ({first["predicted_class"]}); true label: '
         f'{first["label"]} ({first["label_class"]})')

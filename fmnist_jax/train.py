@@ -1,12 +1,9 @@
 """Command line: python -m fmnist_jax.train --config configs/base.py [--config.x=y] [--workdir DIR]
 [--fresh]
 
-Only flag parsing lives here; the work is fmnist_jax.loop.train_and_evaluate.
-
-Without --workdir, the workdir is named after the config file and every field that changes the
-result from the file's own values, plus the device count when it is not 1: workdirs/base,
-workdirs/base,input_mode=tfds, workdirs/base,8devices. The same config lands in the same workdir
-(and resumes); another config never reuses its finished run.
+Only flag parsing lives here; the work is fmnist_jax.loop.train_and_evaluate. Without --workdir
+the workdir is named after the config (config.default_workdir): the same config resumes its run,
+another never reuses it.
 """
 
 if __name__ == '__main__':  # The command's first instruction: Ctrl-C and SIGTERM are caught.

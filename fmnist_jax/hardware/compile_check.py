@@ -80,58 +80,52 @@ def _compile(program, name: str = '', where: str = ''):
   return compiled, time.perf_counter() - start
 
 
-def _record(topology: str, devices: int, program: str, seconds: float, memory: dict, flops,
-            bytes_accessed, estimated, steps: int) -> dict:
-  return {'topology': topology, 'devices': devices, 'program': program,
-          'compile_seconds': round(seconds, 3), 'memory_bytes': memory,
-          'flops': None if flops is None else float(flops),
-          'bytes_accessed': None if bytes_accessed is None else float(bytes_accessed),
-          # XLA:TPU's cost model answers -1 where it has no estimate (v5e, 8 vmapped models).
-          'estimated_seconds': None if estimated is None or estimated < 0 else float(estimated),
-          'steps': steps}
+def _compile_all(config, devices, topology: str, where: str, stream_chunk, names, log,
+                 gpu: targets.GpuTarget | None = None) -> list[dict]:
+  """A record per program compiled for `devices` (costs per device). XLA:GPU's compile-only client
+  reports no cost: for a `gpu` the flops and bytes come from the same program compiled for as many
+  CPU devices, and the time is targets.gpu_roofline's bound."""
+  from fmnist_jax import distributed, programs  # pylint: disable=g-import-not-at-top  (JAX)
+  if gpu:
+    on_cpu = dataset_programs(config, distributed.make_mesh(cpu_devices(len(devices))),
+                              stream_chunk, names)
+  records = []
+  for name, program in dataset_programs(config, distributed.make_mesh(devices), stream_chunk,
+                                         names).items():
+    compiled, seconds = _compile(program, name, where)
+    cost = programs.cost(_compile(on_cpu[name])[0] if gpu else compiled)
+    flops, bytes_accessed = cost.get('flops'), cost.get('bytes accessed')
+    estimated = cost.get('optimal_seconds')
+    if gpu:
+      estimated = (targets.gpu_roofline(gpu, config.compute_dtype, flops, bytes_accessed)
+                   if flops is not None and bytes_accessed is not None else None)
+    records.append({
+        'topology': topology, 'devices': len(devices), 'program': name,
+        'compile_seconds': round(seconds, 3), 'memory_bytes': programs.memory(compiled),
+        'flops': None if flops is None else float(flops),
+        'bytes_accessed': None if bytes_accessed is None else float(bytes_accessed),
+        # XLA:TPU's cost model answers -1 where it has no estimate (v5e, 8 vmapped models).
+        'estimated_seconds': None if estimated is None or estimated < 0 else float(estimated),
+        'steps': steps_covered(name)})
+    log(f'compile: {name} for {where} with XLA:{"GPU" if gpu else "TPU"} in {seconds:.1f} s')
+  return records
 
 
 def compile_tpu(config, target: targets.TpuTarget, stream_chunk: bool = True, names=None,
                 log=print) -> list[dict]:
-  """Compiles the programs with XLA:TPU for one topology: a record per program (see module doc);
-  flops, bytes and the compiler's estimated time are per device."""
-  from fmnist_jax import distributed, programs  # pylint: disable=g-import-not-at-top  (JAX)
+  """Compiles the programs with XLA:TPU for one topology; its cost model estimates their time."""
   devices = tpu_devices(target)
   config_lib.check_divisible(config.batch_size, len(devices), f'--tpu {target.name}')
-  mesh = distributed.make_mesh(devices)
-  records = []
-  for name, program in dataset_programs(config, mesh, stream_chunk, names).items():
-    compiled, seconds = _compile(program, name, target.name)
-    cost = programs.cost(compiled)
-    records.append(_record(target.name, len(devices), name, seconds, programs.memory(compiled),
-                           cost.get('flops'), cost.get('bytes accessed'),
-                           cost.get('optimal_seconds'), steps_covered(name)))
-    log(f'compile: {name} for {target.name} with XLA:TPU in {seconds:.1f} s')
-  return records
+  return _compile_all(config, devices, target.name, target.name, stream_chunk, names, log)
 
 
 def compile_gpu(config, gpu: targets.GpuTarget, count: int, stream_chunk: bool = True,
                 names=None, log=print) -> list[dict]:
-  """Compiles the programs with XLA:GPU for `count` GPUs of one machine. XLA:GPU's compile-only
-  client reports no cost, so flops and bytes come from compiling the same programs for as many
-  CPU devices, and the time is targets.gpu_roofline's bound."""
-  from fmnist_jax import distributed, programs  # pylint: disable=g-import-not-at-top  (JAX)
+  """Compiles the programs with XLA:GPU for `count` GPUs of one machine (a roofline time)."""
   devices = gpu_devices(gpu, count)
   config_lib.check_divisible(config.batch_size, count, f'{count} x {gpu.name}')
-  on_cpu = dataset_programs(config, distributed.make_mesh(cpu_devices(count)), stream_chunk,
-                             names)
-  records = []
-  for name, program in dataset_programs(config, distributed.make_mesh(devices), stream_chunk,
-                                         names).items():
-    compiled, seconds = _compile(program, name, f'{count} x {gpu.name}')
-    cost = programs.cost(_compile(on_cpu[name])[0])
-    flops, bytes_accessed = cost.get('flops'), cost.get('bytes accessed')
-    bound = (targets.gpu_roofline(gpu, config.compute_dtype, flops, bytes_accessed)
-             if flops is not None and bytes_accessed is not None else None)
-    records.append(_record(gpu.name, count, name, seconds, programs.memory(compiled), flops,
-                           bytes_accessed, bound, steps_covered(name)))
-    log(f'compile: {name} for {count} x {gpu.name} with XLA:GPU in {seconds:.1f} s')
-  return records
+  return _compile_all(config, devices, gpu.name, f'{count} x {gpu.name}', stream_chunk, names,
+                      log, gpu)
 
 
 def _version(package: str) -> str:

@@ -1,10 +1,9 @@
-"""Lowers the trainer's programs for TPU and GPU on any machine with jax.export, and writes the
-predict function as a model file that a serving process calls with JAX alone.
+"""The trainer's programs lowered for TPU and GPU on any machine with jax.export, and the predict
+function written as a model file that a serving process calls with JAX alone.
 
-For each platform and for 1 and N devices: the fused train chunk, the epoch shuffle and the
-evaluation, sharded as the trainer shards them. Lowering shows that XLA's front end accepts each
-program for that platform; compiling it needs the hardware (or compile_check's compilers).
-JAX is imported inside the functions: the host device count in XLA_FLAGS must be set first.
+Lowering shows that XLA's front end accepts each program, sharded as the trainer shards it, for
+that platform; compiling it needs the hardware (or compile_check's compilers). JAX is imported
+inside the functions: the host device count in XLA_FLAGS must be set first.
 """
 
 import dataclasses
@@ -51,9 +50,9 @@ COMPILED = ('train_chunk', 'stream_chunk', 'train_step', 'shuffle', 'evaluate', 
 def dataset_programs(config, mesh, stream_chunk: bool = True, names=None) -> dict:
   """{name: programs.Program} of COMPILED (or `names`) on `mesh`, built as the trainer builds
   them for the full Fashion-MNIST splits; 'train_step' is one step alone, for estimates."""
-  from fmnist_jax import NUM_TEST, NUM_TRAIN  # pylint: disable=g-import-not-at-top
-  from fmnist_jax import programs  # pylint: disable=g-import-not-at-top  (imports JAX)
-  from fmnist_jax.plan import ModelSpec, OptimizerSpec, RunPlan  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top  (programs imports JAX)
+  from fmnist_jax import NUM_TEST, NUM_TRAIN, programs
+  from fmnist_jax.plan import ModelSpec, OptimizerSpec, RunPlan
   plan = RunPlan.create(config, NUM_TRAIN, NUM_TEST, mesh.size)
   model, optimizer = ModelSpec.from_config(config), OptimizerSpec.from_config(config)
   progs = programs.build(model, optimizer, plan, mesh)
@@ -73,14 +72,6 @@ def training_programs(config, mesh) -> dict:
   return dataset_programs(config, mesh, stream_chunk=False, names=EXPORTED)
 
 
-def predict_function(model, graphdef, params):
-  """uint8 images [b, 28, 28] -> probabilities [b, 10], the parameters closed over as constants:
-  fmnist_jax.inference's computation (mean over models if several)."""
-  from fmnist_jax import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
-  probs_fn = inference.make_probs_fn(model, graphdef)
-  return lambda images: probs_fn(params, images)
-
-
 def export_flat(program, platforms):
   """Exports a programs.Program as a function of the flat list of its arguments' array leaves.
 
@@ -98,24 +89,21 @@ def export_flat(program, platforms):
 
 
 def export_predict(model, graphdef, params, platforms, mesh):
-  """The predict function exported for `platforms` with a symbolic batch, sharded over `mesh`."""
+  """fmnist_jax.inference's probabilities (mean over models if several) of uint8 images
+  [b, 28, 28], exported for `platforms` with a symbolic batch, sharded over `mesh`."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax import export  # pylint: disable=g-import-not-at-top
-  from fmnist_jax import distributed  # pylint: disable=g-import-not-at-top
+  from fmnist_jax import distributed, inference  # pylint: disable=g-import-not-at-top
+  probs_fn = inference.make_probs_fn(model, graphdef)
   params = jax.device_put(params, distributed.replicated(mesh))
   rows = distributed.batch_sharded(mesh)
   # With several devices the batch must split evenly: b = devices * k.
   batch = export.symbolic_shape('b' if mesh.size == 1 else f'{mesh.size}*k')[0]
-  fn = jax.jit(predict_function(model, graphdef, params), in_shardings=rows, out_shardings=rows)
+  # The parameters are closed over: baked into the model file as constants.
+  fn = jax.jit(lambda images: probs_fn(params, images), in_shardings=rows, out_shardings=rows)
   return export.export(fn, platforms=platforms)(
       jax.ShapeDtypeStruct((batch, IMAGE_SIZE, IMAGE_SIZE), jnp.uint8, sharding=rows))
-
-
-def _shapes(exported, skip: int, label: str) -> str:
-  """The input shapes, the first `skip` (a pytree called `label`) as a count."""
-  shapes = ' '.join(a.str_short() for a in exported.in_avals[skip:])
-  return f'{label} ({skip} arrays) {shapes}' if skip else shapes
 
 
 def export_all(config, platforms, devices: int, out: str, workdir: str | None = None,
@@ -142,13 +130,17 @@ def export_all(config, platforms, devices: int, out: str, workdir: str | None = 
   paths = []
 
   def write(name, platform, n, exported, skip=0, label=''):
+    """Writes one export and logs its inputs, the first `skip` (the pytree `label`) counted."""
     data = exported.serialize()
     path = os.path.join(out, f'{name}-{platform}-{n}dev{SUFFIX}')
     with open(path, 'wb') as f:
       f.write(data)
     paths.append(path)
-    log(f'export: {name:11s} {platform:14s} {n} device(s)  in: {_shapes(exported, skip, label)}  '
-        f'{len(data):,} bytes  {path}')
+    shapes = ' '.join(a.str_short() for a in exported.in_avals[skip:])
+    if skip:
+      shapes = f'{label} ({skip} arrays) {shapes}'
+    log(f'export: {name:11s} {platform:14s} {n} device(s)  in: {shapes}  {len(data):,} bytes  '
+        f'{path}')
 
   for n in sorted({1, devices}):
     mesh = make_mesh(cpu_devices(n))

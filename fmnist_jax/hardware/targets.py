@@ -1,7 +1,7 @@
-"""TPU topologies and GPU device descriptions to compile for without the hardware, and arithmetic on
-the compiled programs: memory against the chip's, and a roofline bound for a GPU.
+"""The chips compile_check compiles for without them: TPU topologies, GPU device descriptions and
+peak FLOP/s, with the arithmetic on compiled programs (memory against the chip's, a roofline bound).
 
-No JAX here: fmnist_jax.export builds the compilers' devices from these tables.
+No JAX here, only tables and numbers.
 
     tpu = parse_tpu('v5e:2x4')        # TpuTarget: 8 chips, 8 JAX devices, 16 GiB each
     gpu = GPUS['t4']                  # GpuTarget: XLA:GPU's device description of a Tesla T4
@@ -221,7 +221,8 @@ def gpu_roofline(gpu: GpuTarget, dtype: str, flops: float, bytes_accessed: float
   """roofline_seconds on `gpu`: peak FLOP/s from fmnist_jax.hardware, bandwidth from its spec."""
   peak = peak_flops(gpu.device_kind, dtype)
   if peak is None:
-    raise UserError(f'no peak FLOP/s for {gpu.device_kind} ({dtype}) in fmnist_jax/hardware/targets.py.')
+    raise UserError(f'no peak FLOP/s for {gpu.device_kind} ({dtype}) in '
+                    'fmnist_jax/hardware/targets.py.')
   return roofline_seconds(flops, bytes_accessed, peak, gpu.spec['memory_bandwidth'])
 
 
@@ -256,24 +257,14 @@ def check_memory(results: list[dict], capacity) -> None:
     raise UserError(f'does not fit: {"; ".join(over)}; {FIT_HINT}')
 
 
-# Peak FLOP/s -------------------------------------------------------------------------------------
-
-# Peak FLOP/s of accelerators, by the `device_kind` JAX reports, for MFU (model FLOP/s
-# utilisation).
-#
-# Dense matrix-multiply peaks per JAX device, from the vendors' published specifications:
-# - TPUs (cloud.google.com/tpu/docs, the system architecture page of each version): bf16 per chip;
-#   v2 and v3 show one device per core (half a chip). float32 matmuls run on the same units at
-#   JAX's default precision (bf16 passes), so their peak is the bf16 one.
-# - NVIDIA (the H200, H100 SXM, A100, L4 and T4 datasheets): bf16/fp16 tensor-core peaks without
-#   sparsity; float32 at JAX's default precision uses TF32 tensor cores on Ampere and newer, plain
-#   FP32 on the T4.
-# CPUs and unknown devices have no entry: their MFU is reported as null.
-
+# Dense matrix-multiply peaks of one JAX device, for MFU (model FLOP/s utilisation), from the
+# vendors' specifications. TPUs (cloud.google.com/tpu/docs, each version's system architecture):
+# bf16 per chip, halved where a device is one core (v2, v3); float32 runs on the same units at
+# JAX's default precision (bf16 passes). NVIDIA (the H200, H100 SXM, A100, L4 and T4 datasheets):
+# tensor-core peaks without sparsity; float32 uses TF32 tensor cores, plain FP32 on the T4.
+# CPUs and unknown devices have no entry: their MFU is null.
 TERA = 1e12
-
-# device_kind -> {compute dtype: peak FLOP/s of one JAX device}.
-PEAK_FLOPS = {
+PEAK_FLOPS = {  # device_kind -> {compute dtype: peak FLOP/s of one JAX device}.
     'TPU v2': {'bfloat16': 22.5 * TERA, 'float32': 22.5 * TERA},  # 45 per chip, 2 cores.
     'TPU v3': {'bfloat16': 61.5 * TERA, 'float32': 61.5 * TERA},  # 123 per chip, 2 cores.
     'TPU v4': {'bfloat16': 275 * TERA, 'float32': 275 * TERA},
