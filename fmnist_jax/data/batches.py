@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from fmnist_jax import data
+from fmnist_jax.config import DATA_SEED_OFFSET
 
 Chunk = dict[str, np.ndarray]
 
@@ -130,8 +131,8 @@ class HostStream(_Stream):
 
 def epoch_seed(seed: int, epoch: int) -> int:
   """The host shuffle seed of one epoch (stream and tfds modes): fixed, so a resumed epoch
-  replays it."""
-  return (seed * 1_000_003 + epoch) % (2**31 - 1)
+  replays it; the prime that offsets the data key keeps two seeds' epochs apart."""
+  return (seed * DATA_SEED_OFFSET + epoch) % (2**31 - 1)
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
