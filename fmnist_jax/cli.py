@@ -64,9 +64,9 @@ def parse_flags(argv: Sequence[str], config_flags_to_load: Sequence[str] = ()) -
       if value is None:
         raise UserError(f'--{name} is required, e.g. --{name} configs/base.py.')
       if not isinstance(value, ml_collections.ConfigDict):
+        hasattr(value, 'to_dict')  # A file that failed to load raises its error on first use.
         raise UserError(f'the --{name} file\'s get_config() returned {type(value).__name__}, not '
                         'an ml_collections.ConfigDict; start from configs/base.py.')
-      value.to_dict()  # A config file that failed to load raises only when first used.
   except UserError:
     raise
   except (flags.Error, AttributeError, OSError, ImportError, SyntaxError, ValueError,
