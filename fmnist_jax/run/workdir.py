@@ -132,10 +132,10 @@ def _check_inside(folder: str) -> None:
       _check_inside(entry.path)
 
 
-def check_local(path_: str, option: str = '--workdir') -> None:
+def check_local(workdir: str) -> None:
   """Refuses cloud URLs: every file here is written through the local filesystem."""
-  if '://' in path_:
-    raise WorkdirError(f'{option} {path_}: cloud storage URLs are not supported; use a local or '
+  if '://' in workdir:
+    raise WorkdirError(f'--workdir {workdir}: cloud storage URLs are not supported; use a local or '
                        'shared (NFS, Filestore, gcsfuse-mounted) folder path.')
 
 
@@ -553,10 +553,3 @@ class Lock:
         os.ftruncate(self._fd, 0)  # No name left behind for a later holder's refusals.
       os.close(self._fd)  # Closing releases the flock; the file stays, harmlessly.
       self._fd = None
-
-  def __enter__(self):
-    self.acquire()
-    return self
-
-  def __exit__(self, *exc):
-    self.release()
