@@ -4,12 +4,11 @@
     <workdir>/checkpoints/<step>/record   {'step', 'config', 'history', 'checksum'}
 
 orbax alone reads them (`ocp.StandardCheckpointer().restore('<workdir>/checkpoints/938/state')`).
-A save cut short is never listed: orbax renames a checkpoint into place when it is complete. The
-record's SHA-256 of the state and of itself is checked on every restore: a damaged checkpoint is
-set aside in checkpoints_damaged/ and the previous one used; with none left, the run is refused
-until --fresh. Saves are asynchronous: listing, the next save, wait() and close() wait for the
-write and raise its error (a full disk). A read-only Checkpointer (predict, explore) creates,
-deletes and moves nothing.
+A save cut short is never listed (orbax renames a complete one into place). The record's SHA-256
+of the state and itself is checked on every restore: a damaged checkpoint is set aside in
+checkpoints_damaged/ and the previous one used; with none left, the run is refused until --fresh.
+Saves are asynchronous: listing, the next save, wait() and close() wait for the write and raise its
+error (a full disk). A read-only Checkpointer (predict, explore) creates, deletes, moves nothing.
 """
 
 import errno
