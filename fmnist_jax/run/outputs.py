@@ -123,7 +123,9 @@ class Outputs:
     except workdir_lib.WorkdirError as e:
       self.note(f'warning: {e}')
       return None
-    self.say(finished_line(self.workdir, summary))
+    self.say(f'{self.workdir} holds a finished run of {summary["steps"]} steps on '
+             f'{devices_text(summary)}; not retraining (use --fresh or another --workdir to '
+             'train again).')
     self.say(result_line(summary))
     return summary
 
@@ -256,17 +258,12 @@ def result_line(summary: dict) -> str:
           f'  ({timing})')
 
 
-def finished_line(workdir: str, summary: dict) -> str:
-  return (f'{workdir} holds a finished run of {summary["steps"]} steps on '
-          f'{devices_text(summary)}; not retraining (use --fresh or another '
-          '--workdir to train again).')
-
-
 _IMPORTED_AT = time.time()
 
 
 def process_start_time() -> float:
-  """When this process started, on the time.time() clock (from /proc on Linux)."""
+  """When this process started, on the time.time() clock: from /proc on Linux, else when this
+  module was imported."""
   try:
     with open('/proc/self/stat') as f:
       ticks = int(f.read().rsplit(')', 1)[1].split()[19])
