@@ -98,6 +98,17 @@ def check_kind(file: str, expected: str, fix: str, error=None, show_target: bool
   return st
 
 
+def _open_regular(file: str, flags: int, fix: str, error=WorkdirError) -> int:
+  """os.open without blocking on a fifo; refuses what is not a regular file once open (a name
+  replaced since check_kind looked at it)."""
+  fd = os.open(file, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+  mode = os.fstat(fd).st_mode
+  if not stat.S_ISREG(mode):
+    os.close(fd)
+    raise error(f'{file} is a {kind(mode)}, not a file; {fix}.')
+  return fd
+
+
 def _check_owned(workdir: str, name: str) -> os.stat_result | None:
   """check_kind for a name of the table, with its own fix; a link at a replaced file is fine."""
   owned, file = NAMES[name], path(workdir, name)
@@ -332,14 +343,14 @@ def write_json_lines(target: str, objs: Iterable[Any]) -> None:
 
 
 def append_json_line(target: str, obj: Any) -> None:
-  """Appends one JSON line; refuses to follow a link planted at `target`."""
+  """Appends one JSON line to the regular file at `target`, never through a link planted there."""
+  fix = 'remove it and run the same command again (it is rewritten from the checkpoint)'
   try:
-    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = _open_regular(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, fix)
   except OSError as e:
     if e.errno != errno.ELOOP:
       raise
-    raise WorkdirError(f'{target} is a symbolic link; remove it and run the same command again '
-                       '(it is rewritten from the checkpoint).') from None
+    raise WorkdirError(f'{target} is a symbolic link; {fix}.') from None
   with os.fdopen(fd, 'a') as f:
     f.write(json.dumps(obj) + '\n')
     f.flush()
@@ -351,17 +362,6 @@ def append_json_line(target: str, obj: Any) -> None:
 
 def _damaged(file: str, detail: str, fix: str) -> WorkdirError:
   return WorkdirError(f'{file} is damaged ({detail}); {fix}.')
-
-
-def _open_regular(file: str, flags: int, fix: str, error=WorkdirError) -> int:
-  """os.open without blocking on a fifo; refuses what is not a regular file once open (a name
-  replaced since check_kind looked at it)."""
-  fd = os.open(file, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-  mode = os.fstat(fd).st_mode
-  if not stat.S_ISREG(mode):
-    os.close(fd)
-    raise error(f'{file} is a {kind(mode)}, not a file; {fix}.')
-  return fd
 
 
 def read_regular(file: str, fix: str, error=None, follow: bool = False) -> bytes:
