@@ -23,10 +23,9 @@ import ml_collections
 from fmnist_jax.errors import UserError, exit_on_user_error
 from fmnist_jax.run import signals
 
-# Lines the frameworks print for themselves: C++ log lines ('W1206 05:12:33.1 123 file.cc:45] ',
-# libtpu's 'E0000 common_lib.cc:554] ...'; severity F, a crash, passes), absl's note before its
-# logging starts, Gloo's "[Gloo] Rank N is connected to M peer ranks" (pieces of two such lines can
-# interleave: the second pattern), and tfds's preparation banners.
+# Lines the frameworks print for themselves: C++ log lines ('W1206 05:12:33.1 123 file.cc:45] ';
+# severity F, a crash, passes), absl's note before its logging starts, Gloo's "[Gloo] Rank N is
+# connected to M peer ranks" (two such lines may interleave), and tfds's preparation banners.
 NOISE = re.compile(rb'^[IWE]\d{4} [^\]]*\] |^WARNING: All log messages before absl::Initialize'
                    rb'|\[Gloo\]|connected peer ranks|^Downloading and preparing dataset '
                    rb'|^Dataset \S+ downloaded and prepared to ')
@@ -65,9 +64,9 @@ def parse_flags(argv: Sequence[str], config_flags_to_load: Sequence[str] = ()) -
       if value is None:
         raise UserError(f'--{name} is required, e.g. --{name} configs/base.py.')
       if not isinstance(value, ml_collections.ConfigDict):
+        hasattr(value, 'to_dict')  # A file that failed to load raises its error on first use.
         raise UserError(f'the --{name} file\'s get_config() returned {type(value).__name__}, not '
                         'an ml_collections.ConfigDict; start from configs/base.py.')
-      value.to_dict()  # A config file that failed to load raises only when first used.
   except UserError:
     raise
   except (flags.Error, AttributeError, OSError, ImportError, SyntaxError, ValueError,
@@ -174,9 +173,8 @@ def run(main: Callable[[list[str]], None], config_flags_to_load: Sequence[str] =
 
 
 def exit_promptly(code: int) -> None:
-  """Ends a single-process program now: the interpreter's teardown of JAX, TensorFlow and orbax
-  thread pools takes most of a second, has nothing left to do, and after a failed save (a full
-  disk) prints tracebacks from orbax's threads under the one-line error."""
+  """Ends a single-process program now: the teardown of JAX's, TensorFlow's and orbax's threads
+  takes most of a second for nothing, and prints orbax's tracebacks after a failed save."""
   jax = sys.modules.get('jax')
   if jax is not None and jax.distributed.is_initialized():
     return  # jax.distributed's own shutdown must run: it syncs with the other processes.

@@ -1,10 +1,9 @@
 """The config: config files loaded by path, each field's role, and validation.
 
-Config files (configs/*.py) are loaded by path, as `--config configs/base.py` loads them; the
-folder is not a Python package (a package named `configs` would collide with other projects').
-Each field has one role in ROLES, read by resume checks and workdir names. `validate` checks every
-field on its own and `check_sizes` what the run keeps on a device, before anything is compiled or
-written.
+Config files (configs/*.py) are loaded by path, as `--config configs/base.py` loads them: a package
+named `configs` would collide with other projects'. Each field has one role in ROLES, read by resume
+checks and workdir names. `validate_config` checks every field on its own and `check_sizes` what
+the run keeps on a device, before anything is compiled or written.
 """
 
 import functools
@@ -50,13 +49,10 @@ def base() -> ml_collections.ConfigDict:
 
 # Roles -------------------------------------------------------------------------------------------
 
-# Roles: NUMBERS shape the trained numbers (a resume must use the same value, checked against the
-# checkpoint's record; a value other than the config file's names the workdir); LENGTH says how
-# long to train (names the workdir; a resume may extend it); HOST steers only the host (how often
-# to check, save, transfer; compilation): the same numbers whatever the value, neither checked nor
-# named; PLACE says where data, caches and other processes are; DISPLAY what is printed or drawn.
-# A new field must be added here: `role()` refuses unknown ones, and a test checks that every
-# field of configs/base.py has one.
+# NUMBERS shape the trained numbers (a resume must match the checkpoint's; they name the workdir);
+# LENGTH names the workdir and may grow on resume; HOST (how often to check, save, transfer;
+# compilation), PLACE (where data and processes are) and DISPLAY change no number and name nothing.
+# Every field has a role here: `role()` refuses unknown ones.
 NUMBERS, LENGTH, HOST, PLACE, DISPLAY = 'numbers', 'length', 'host', 'place', 'display'
 
 ROLES = {
@@ -120,20 +116,14 @@ def _text(value) -> str:
   return re.sub(r'[^\w.+-]', '', str(value))
 
 
-def name_parts(config, file_config) -> list[str]:
-  """'field=value' for each NUMBERS or LENGTH field where `config` differs from `file_config`
-  (the config file's own values), in alphabetical order. Equal values add nothing, whatever the
-  spelling of the override."""
-  now, before = with_role(config, NUMBERS, LENGTH), with_role(file_config, NUMBERS, LENGTH)
-  return [f'{name}={_text(value)}' for name, value in now.items() if value != before.get(name)]
-
-
 def default_workdir(config_path: str, config, devices: int, processes: int) -> str:
-  """workdirs/<config file name>[,<field=value>...][,<N>devices][,<P>processes], naming each
-  field that shapes the result where the final config differs from the config file's own values:
-  equal configs share a folder."""
+  """workdirs/<config file name>[,<field=value>...][,<N>devices][,<P>processes]: 'field=value'
+  for each NUMBERS or LENGTH field where `config` differs from the config file's own values, in
+  alphabetical order. Equal values add nothing, however spelt: equal configs share a folder."""
+  now = with_role(config, NUMBERS, LENGTH)
+  before = with_role(load(config_path), NUMBERS, LENGTH)
   parts = [os.path.splitext(os.path.basename(config_path))[0]]
-  parts += name_parts(config, load(config_path))
+  parts += [f'{name}={_text(value)}' for name, value in now.items() if value != before.get(name)]
   if devices != 1:
     parts.append(f'{devices}devices')
   if processes != 1:
@@ -162,8 +152,8 @@ RESIDENT_DATA_BYTES = NUM_TRAIN * (IMAGE_PIXELS + 4)
 
 @functools.lru_cache(maxsize=1)
 def _base():
-  """configs/base.py, the only home of the defaults the messages suggest (None if absent, e.g.
-  in an installed wheel without the configs/ folder)."""
+  """configs/base.py, the only home of the defaults the messages suggest (None without it, as in
+  an installed wheel)."""
   try:
     return base()
   except UserError:
@@ -183,26 +173,30 @@ def example(name: str) -> str:
   return f'; e.g. --config.{name}={value}'
 
 
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _positive(config, name: str, kind=(int,)):
+def _is_finite(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(config, name: str):
   value = config[name]
-  if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+  if not _is_int(value) or value <= 0:
     raise UserError(f'{name}={value!r} must be a positive number{example(name)}.')
 
 
 def _positive_finite(name: str, value, example_of: str) -> None:
   """A learning rate or eps: a finite number above 0 (nan, inf and 0 make Adam's update nan)."""
-  if not _is_number(value) or not math.isfinite(value) or value <= 0:
+  if not _is_finite(value) or value <= 0:
     raise UserError(f'{name}={value!r} must be a finite number above 0{example(example_of)}.')
 
 
 def _check_seed(config) -> None:
   seed = config.seed
   highest = SEED_LIMIT - max(DATA_SEED_OFFSET, config.num_models - 1)
-  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= highest:
+  if not _is_int(seed) or not 0 <= seed <= highest:
     raise UserError(f'seed={seed!r} must be an integer from 0 to {highest} (JAX takes 64-bit '
                     f'seeds){example("seed")}.')
 
@@ -213,7 +207,7 @@ def _check_optimizer_numbers(config) -> None:
     _positive_finite(f'learning_rates[{i}]', lr, 'learning_rate')
   for name in ('b1', 'b2'):  # Adam's decay rates: 1 or more never forgets, and divides by 0.
     value = config[name]
-    if not _is_number(value) or not math.isfinite(value) or not 0 <= value < 1:
+    if not _is_finite(value) or not 0 <= value < 1:
       raise UserError(f'{name}={value!r} must be a number from 0 up to (not including) 1'
                       f'{example(name)}.')
   _positive_finite('eps', config.eps, 'eps')
@@ -226,8 +220,7 @@ def validate_config(config) -> None:
     _positive(config, name)
   if config.batch_size > NUM_TRAIN:
     raise UserError(f'batch_size={config.batch_size} is larger than the training set '
-                    f'({NUM_TRAIN} examples); use at most --config.batch_size='
-                    f'{NUM_TRAIN}.')
+                    f'({NUM_TRAIN} examples); use at most --config.batch_size={NUM_TRAIN}.')
   for name, allowed in (('model', MODELS), ('input_mode', INPUT_MODES),
                         ('optimizer', OPTIMIZERS), ('compute_dtype', DTYPES)):
     if config[name] not in allowed:
@@ -237,7 +230,7 @@ def validate_config(config) -> None:
     raise UserError(f'num_classes={config.num_classes}, but Fashion-MNIST has '
                     f'{NUM_CLASSES} classes; use --config.num_classes=10.')
   sizes = tuple(config.hidden_sizes)
-  if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+  if not all(_is_int(s) and s > 0 for s in sizes):
     raise UserError(f'hidden_sizes={sizes} must be positive integers{example("hidden_sizes")}.')
   for name, zero in (('check_every_steps', 'once per epoch'),
                      ('checkpoint_every_steps', 'at epoch ends only'), ('profile_steps', 'off')):
@@ -284,14 +277,10 @@ def _size(size: int) -> str:
 def check_sizes(config, memory_bytes: int | None) -> None:
   """Refuses, in one line naming the field to change, a run whose state cannot fit in memory.
 
-  Counts what the run keeps on one device for its whole life: every model's float32 parameters
-  and Adam moments (3 x 4 bytes per parameter) and, in the 'device' input mode, the resident
-  train set. It is a lower bound (activations and gradients come on top), so it refuses only
-  what cannot possibly run, before anything is allocated, compiled or written.
-
-  Args:
-    config: a config that passed validate_config.
-    memory_bytes: one device's memory (device_memory_bytes()); None checks nothing.
+  What the run keeps on one device for its whole life (every model's parameters and Adam moments
+  in float32, and the 'device' mode's resident train set) is a lower bound: only what cannot
+  possibly run is refused. `memory_bytes` is one device's (device_memory_bytes()); None checks
+  nothing.
   """
   if memory_bytes is None:
     return
@@ -317,11 +306,8 @@ def check_sizes(config, memory_bytes: int | None) -> None:
 
 
 def device_memory_bytes() -> int | None:
-  """The memory of one local device: its allocator's limit on an accelerator; on a CPU the
-  host's physical memory (or the container's cgroup limit, if lower); None when unknown.
-
-  Initialises JAX's backend: call it after distributed.initialize.
-  """
+  """One local device's memory (its allocator's limit; on a CPU, host_memory_bytes), or None when
+  unknown. Initialises JAX's backend: call it after distributed.initialize."""
   import jax  # pylint: disable=g-import-not-at-top
   device = jax.local_devices()[0]
   try:

@@ -25,12 +25,8 @@ _MULTI_PROCESS_ENV = ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORL
 
 
 def initialize(dist_config) -> None:
-  """Starts jax.distributed when the config or the environment asks for several processes, then
-  JAX's backends (see start_backends).
-
-  Must run before anything touches a device. Config fields win over the environment; with
-  neither, this is a single-process run and only the backends are started.
-  """
+  """Starts jax.distributed when the config (first) or the environment asks for several
+  processes, then JAX's backends. Must run before anything touches a device."""
   if not jax.distributed.is_initialized():
     kwargs = {}
     if dist_config.coordinator_address:
@@ -54,12 +50,8 @@ _backends_started = False
 
 def start_backends() -> None:
   """Starts JAX's backends: a platform that JAX_PLATFORMS names and that cannot start is a
-  UserError, and a fall back to the CPU where an accelerator was expected is said in one line.
-
-  (libtpu on a machine without a TPU prints warnings and errors about its own setup, "could not
-  determine TPU accelerator type", that no environment setting silences: the commands keep them
-  back unless --verbosity=0, fmnist_jax.cli.quiet_frameworks.)
-  """
+  UserError; a fall back to the CPU where an accelerator was expected is said in one line (what
+  the libraries print about it is kept back unless --verbosity=0: cli.quiet_frameworks)."""
   global _backends_started
   if _backends_started:
     return
@@ -172,7 +164,7 @@ def is_main_process() -> bool:
 def barrier(name: str) -> None:
   """Waits for every process (a no-op with one process)."""
   if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(name)
+    multihost_utils.sync_global_devices(name)
 
 
 def any_process(flag: bool) -> bool:

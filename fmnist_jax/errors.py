@@ -5,11 +5,8 @@ import sys
 
 
 class UserError(Exception):
-  """A mistake the user can fix (bad flag, missing data, unusable workdir).
-
-  The CLIs print `error: <message>` on one line and exit with `exit_code`; programming errors
-  keep their tracebacks.
-  """
+  """A mistake the user can fix (bad flag, missing data, unusable workdir): the commands print
+  `error: <message>` on one line and exit with `exit_code`; other errors keep their tracebacks."""
 
   exit_code = 2
 

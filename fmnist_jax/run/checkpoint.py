@@ -3,18 +3,12 @@
     <workdir>/checkpoints/<step>/state    step, rng, params/hidden/0/kernel, opt_state/mu/..., ...
     <workdir>/checkpoints/<step>/record   {'step', 'config', 'history', 'checksum'}
 
-orbax alone reads them: `ocp.StandardCheckpointer().restore('<workdir>/checkpoints/938/state')`
-returns nested dicts of arrays (`['params']['hidden']['0']['kernel']`).
-
-orbax writes each checkpoint into a temporary folder and renames it when complete, so a save cut
-short is never listed. The record carries a SHA-256 of the state's bytes and of itself, checked on
-every restore: a damaged checkpoint is reported, renamed into checkpoints_damaged/ and the previous
-one is used; with none left the run stays refused until the user starts over (`--fresh`). A
-read-only Checkpointer (predict, explore) never creates, deletes or moves anything.
-
-Saves are asynchronous: save() copies the arrays to the host and returns; orbax writes them in a
-background thread while the training goes on. Listing, the next save, wait() and close() wait for
-the write, so its error (a full disk) is raised there.
+orbax alone reads them (`ocp.StandardCheckpointer().restore('<workdir>/checkpoints/938/state')`).
+A save cut short is never listed (orbax renames a complete one into place). The record's SHA-256
+of the state and itself is checked on every restore: a damaged checkpoint is set aside in
+checkpoints_damaged/ and the previous one used; with none left, the run is refused until --fresh.
+Saves are asynchronous: listing, the next save, wait() and close() wait for the write and raise its
+error (a full disk). A read-only Checkpointer (predict, explore) creates, deletes, moves nothing.
 """
 
 import errno
@@ -64,8 +58,8 @@ def from_tree(tree: dict, template):
 
 
 def checksum(state, record: dict) -> str:
-  """SHA-256 over every array's name, dtype, shape and bytes, and the record without its checksum.
-  Arrays are replicated, so each process hashes its own first copy and all agree."""
+  """SHA-256 over every array's name, dtype, shape and bytes, and the record without its checksum
+  (of each process's first copy of the replicated arrays: all agree)."""
   h = hashlib.sha256()
   for path, value in jax.tree_util.tree_flatten_with_path(state)[0]:
     host = np.asarray(value.addressable_data(0) if isinstance(value, jax.Array) else value)
@@ -77,9 +71,8 @@ def checksum(state, record: dict) -> str:
 
 
 def _check_room(directory: str, state) -> None:
-  """Raises ENOSPC before a save that cannot fit: orbax writes a checkpoint from several threads,
-  and a write that fails midway leaves the others reporting into its closed event loop (tracebacks
-  on stderr). Room for the arrays plus a tenth and 1 MiB of metadata is asked for."""
+  """Raises ENOSPC before a save that cannot fit (the arrays, a tenth more and 1 MiB): a write of
+  orbax's that fails midway leaves its other threads printing tracebacks."""
   need = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) * 1.1 + 2**20
   info = os.statvfs(directory)
   if info.f_bavail * info.f_frsize < need:
@@ -104,11 +97,10 @@ def _warn(message: str) -> None:
 class Checkpointer:
   """Saves and restores (TrainState, record) pairs in <workdir>/checkpoints."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 2, read_only: bool = False, log=_warn):
+  def __init__(self, workdir: str, max_to_keep: int = 2, read_only: bool = False):
     self.workdir = os.path.abspath(workdir)
     self.directory = workdir_lib.path(self.workdir, workdir_lib.CHECKPOINTS)
     self.read_only = read_only
-    self._log = log  # Where "damaged, trying an earlier one" goes.
     options = ocp.CheckpointManagerOptions(
         # Created by the first save, not here: a run stopped before its first step writes nothing.
         read_only=read_only, create=False, max_to_keep=None if read_only else max_to_keep,
@@ -132,8 +124,7 @@ class Checkpointer:
         state=ocp.args.StandardSave(as_tree(state)), record=ocp.args.JsonSave(record)))
 
   def wait(self) -> None:
-    """Returns when the last save is complete on disk (raises its error, if it failed, with no
-    partial checkpoint left)."""
+    """Returns when the last save is on disk, or raises its error (no partial checkpoint left)."""
     if not self.read_only:
       try:
         self._manager.wait_until_finished()
@@ -190,7 +181,7 @@ class Checkpointer:
         damaged.append(step)
         continue
       for note in notes:
-        self._log(note)
+        _warn(note)
       self._set_aside(damaged)
       return state, record
     aside = workdir_lib.path(self.workdir, workdir_lib.DAMAGED)
@@ -206,8 +197,7 @@ class Checkpointer:
         'the files from a backup.')
 
   def _set_aside(self, steps, quiet: bool = False) -> None:
-    """Renames damaged checkpoints into checkpoints_damaged/ (kept for inspection): one atomic
-    rename each, within the workdir, so nothing is ever half-moved."""
+    """Moves damaged checkpoints into checkpoints_damaged/ by one rename each (never half-moved)."""
     if self.read_only or not steps:
       return
     if jax.process_index() == 0:
@@ -215,7 +205,7 @@ class Checkpointer:
         target = workdir_lib.move_aside(self.workdir, os.path.join(self.directory, str(step)),
                                         str(step))
         if not quiet:
-          self._log(f'moved damaged checkpoint {step} to {target}.')
+          _warn(f'moved damaged checkpoint {step} to {target}.')
     distributed.barrier('set_aside')
     self._manager.reload()
 
@@ -227,9 +217,8 @@ class Checkpointer:
 
 
 def check_compatible(ckpt: Checkpointer, now: dict) -> None:
-  """Raises UserError naming every field where the newest record and the fingerprint `now`
-  differ. Checked on the record alone, so an incompatible config never makes a good checkpoint
-  look damaged."""
+  """Raises UserError naming every field where the newest record and the fingerprint `now` differ
+  (read from the record alone: an incompatible config never makes a checkpoint look damaged)."""
   record = ckpt.newest_record()
   if record is None:
     return

@@ -110,8 +110,7 @@ class Outputs:
                                                      steps_per_epoch))
 
   def finished_summary(self, step: int, total_steps: int) -> dict | None:
-    """The saved summary of a finished run (told again), or None when it must be (re)written by
-    evaluating the final checkpoint."""
+    """The saved summary of a finished run (told again), or None when it must be (re)written."""
     if step > total_steps:
       raise workdir_lib.WorkdirError(
           f'{self.workdir} holds a run of {step} steps, more than the {total_steps} of '
@@ -124,13 +123,14 @@ class Outputs:
     except workdir_lib.WorkdirError as e:
       self.note(f'warning: {e}')
       return None
-    self.say(finished_line(self.workdir, summary))
+    self.say(f'{self.workdir} holds a finished run of {summary["steps"]} steps on '
+             f'{devices_text(summary)}; not retraining (use --fresh or another --workdir to '
+             'train again).')
     self.say(result_line(summary))
     return summary
 
   def profile(self, step: int, plan) -> None:
-    """Starts jax.profiler's trace where the plan's profile window starts, stops it at its end
-    (TensorBoard's profile plugin reads <workdir>/tensorboard/plugins/profile/)."""
+    """Traces the plan's profile window with jax.profiler, for TensorBoard's profile plugin."""
     import jax  # pylint: disable=g-import-not-at-top
     window = plan.profile_window
     if window and step == window[0] and not self._tracing:
@@ -174,10 +174,8 @@ class Outputs:
 
 
 def tensorboard_writer(logdir: str):
-  """A tensorboardX SummaryWriter, imported without PyTorch.
-
-  tensorboardX imports torch (about a second) only to recognise torch tensors; we pass numpy.
-  """
+  """A tensorboardX SummaryWriter, imported without torch (a second spent to recognise torch
+  tensors; we pass numpy)."""
   blocked = 'torch' not in sys.modules
   if blocked:
     sys.modules['torch'] = None  # Makes `import torch` raise ImportError, which it handles.
@@ -190,10 +188,8 @@ def tensorboard_writer(logdir: str):
 
 
 def prediction_strip(images, probs, labels, scale: int = 3):
-  """uint8 [H, W, 3]: each image framed blue (right) or red (wrong), bars of its 10 probabilities.
-
-  A cheap stand-in for the matplotlib grid (which costs most of a second to draw) for TensorBoard.
-  """
+  """uint8 [H, W, 3]: each image framed blue (right) or red (wrong), bars of its 10 probabilities;
+  for TensorBoard, a cheap stand-in for the matplotlib grid (most of a second to draw)."""
   tiles = []
   for image, p, label in zip(images, probs, labels):
     right = int(np.argmax(p)) == int(label)
@@ -251,30 +247,23 @@ def result_line(summary: dict) -> str:
             f'{summary["compile_seconds"]:.2f} s')
   if summary.get('total_seconds') is not None:
     timing += f', total {summary["total_seconds"]:.2f} s'
-  timing += flops_text(summary)
+  timing += f'{flops_text(summary)}, {devices_text(summary)}'
   if 'models' in summary:
     m = summary['models']
     return (f'Test accuracy of {summary["num_models"]} models: mean {m["test_accuracy_mean"]:.4f}'
             f' (std {m["test_accuracy_std"]:.4f}, min {m["test_accuracy_min"]:.4f}, max '
             f'{m["test_accuracy_max"]:.4f}), ensemble {m["ensemble_test_accuracy"]:.4f}  mean test '
-            f'loss: {summary["test_loss"]:.4f}  ({timing}, {devices_text(summary)})')
+            f'loss: {summary["test_loss"]:.4f}  ({timing})')
   return (f'Test accuracy: {summary["test_accuracy"]:.4f}  test loss: {summary["test_loss"]:.4f}'
-          f'  ({timing}, {devices_text(summary)})')
+          f'  ({timing})')
 
-
-def finished_line(workdir: str, summary: dict) -> str:
-  return (f'{workdir} holds a finished run of {summary["steps"]} steps on '
-          f'{devices_text(summary)}; not retraining (use --fresh or another '
-          '--workdir to train again).')
-
-
-# When the process started -----------------------------------------------------------------------
 
 _IMPORTED_AT = time.time()
 
 
 def process_start_time() -> float:
-  """When this process started, on the time.time() clock (from /proc on Linux)."""
+  """When this process started, on the time.time() clock: from /proc on Linux, else when this
+  module was imported."""
   try:
     with open('/proc/self/stat') as f:
       ticks = int(f.read().rsplit(')', 1)[1].split()[19])
@@ -283,9 +272,6 @@ def process_start_time() -> float:
     return time.time() - uptime + ticks / os.sysconf('SC_CLK_TCK')
   except (OSError, ValueError, IndexError):
     return _IMPORTED_AT
-
-
-# The summary -------------------------------------------------------------------------------------
 
 
 def make_summary(config, plan, history: list[dict], steps_run: int, timing: dict,

@@ -30,8 +30,8 @@ def _handle(signum, frame):  # pylint: disable=unused-argument
 
 
 def _ignore_our_unraisable(unraisable, previous=sys.unraisablehook) -> None:
-  """A stop raised where Python cannot pass it on (a garbage-collection callback, a __del__) is not
-  reported: its flag stays set, and the next check stops the command."""
+  """A stop raised where Python cannot pass it on (a __del__) is not reported: its flag stays set,
+  and the next check stops the command."""
   if not isinstance(unraisable.exc_value, Interrupted):
     previous(unraisable)
 

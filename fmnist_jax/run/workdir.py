@@ -1,11 +1,9 @@
 """The workdir: the names a run owns (one table), the one checker of what is found at a name, safe
 writes, validated reads, and the one-writer lock.
 
-Every write goes to a new temporary file created exclusively in the target's folder, flushed to
-disk and renamed over the target: a crash leaves the old file or the new one, and a link planted at
-any name never redirects a write. Kinds are checked with lstat before anything is opened, so a fifo
-or a device never blocks or acts. Workdirs are local or shared (NFS) folders: cloud URLs such as
-gs://bucket/run are refused in one line.
+A write goes to a new temporary file in the target's folder, flushed and renamed over the target: a
+crash leaves the old file or the new one, and a link planted at a name never redirects a write.
+Kinds are checked with lstat before anything is opened, so a fifo or a device never blocks or acts.
 """
 
 import contextlib
@@ -49,8 +47,9 @@ NAMES = {
     FIGURES: Owned('folder', 'figures'),  # PNGs written by predict and explore.
     TENSORBOARD: Owned('folder', 'TensorBoard files', emptied=True),
 }
-# Temporary files of an interrupted write_atomic (and of earlier versions: `<name>.tmp`).
-_LEFTOVER = re.compile(r'\.?(config\.json|metrics\.jsonl|summary\.json)(\..*)?\.tmp')
+# Temporary files of an interrupted write_atomic at a replaced name (and earlier `<name>.tmp`).
+_REPLACED = '|'.join(re.escape(name) for name, owned in NAMES.items() if owned.replaced)
+_LEFTOVER = re.compile(rf'\.?({_REPLACED})(\..*)?\.tmp')
 # Errors that mean "the storage refuses more data", not "the program is wrong".
 STORAGE_ERRNOS = {errno.ENOSPC: 'no space left on', errno.EDQUOT: 'disk quota exceeded on',
                   errno.EROFS: 'read-only filesystem on'}
@@ -76,23 +75,38 @@ def kind(mode: int) -> str:
 
 
 def check_kind(file: str, expected: str, fix: str, error=None, show_target: bool = False,
-               follow: bool = False) -> os.stat_result | None:
+               follow: bool = False, label: str | None = None) -> os.stat_result | None:
   """The one checker of what is found at a path, without opening it (nor following a link, unless
-  `follow`): its stat, None when absent; `error` (a UserError class, default WorkdirError) when it
-  is not a `expected` ('file' or 'folder'), in one line: '<file> is a <kind>, not a <expected>;
-  <fix>.'"""
+  `follow`): its stat, or None when absent.
+
+  Raises:
+    error (a UserError class, default WorkdirError): it is not a `expected` ('file' or 'folder'),
+      in one line, '<label> is a <kind>, not a <expected>; <fix>.' (`label` defaults to `file`).
+  """
+  error, label = error or WorkdirError, label or file
   try:
     st = os.stat(file) if follow else os.lstat(file)
   except FileNotFoundError:
     return None
   except OSError as e:
-    raise (error or WorkdirError)(f'{file} cannot be examined ({e.strerror}); {fix}.') from None
+    raise error(f'{label} cannot be examined ({e.strerror}); {fix}.') from None
   found = kind(st.st_mode)
   if found != expected:
     if show_target and found == 'symbolic link':
       found += f' (to {os.path.normpath(os.path.join(os.path.dirname(file), os.readlink(file)))})'
-    raise (error or WorkdirError)(f'{file} is a {found}, not a {expected}; {fix}.')
+    raise error(f'{label} is a {found}, not a {expected}; {fix}.')
   return st
+
+
+def _open_regular(file: str, flags: int, fix: str, error=WorkdirError) -> int:
+  """os.open without blocking on a fifo; refuses what is not a regular file once open (a name
+  replaced since check_kind looked at it)."""
+  fd = os.open(file, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+  mode = os.fstat(fd).st_mode
+  if not stat.S_ISREG(mode):
+    os.close(fd)
+    raise error(f'{file} is a {kind(mode)}, not a file; {fix}.')
+  return fd
 
 
 def _check_owned(workdir: str, name: str) -> os.stat_result | None:
@@ -113,8 +127,8 @@ def _check_owned(workdir: str, name: str) -> os.stat_result | None:
 
 
 def _check_inside(folder: str) -> None:
-  """Refuses a link or special file anywhere under `folder` (whose content the training deletes
-  or moves, and reads: a fifo would block it), without following links."""
+  """Refuses a link or special file anywhere under `folder`, whose content the training deletes,
+  moves and reads (a fifo would block it)."""
   try:
     entries = list(os.scandir(folder))
   except OSError as e:
@@ -129,10 +143,10 @@ def _check_inside(folder: str) -> None:
       _check_inside(entry.path)
 
 
-def check_local(path_: str, option: str = '--workdir') -> None:
+def check_local(workdir: str) -> None:
   """Refuses cloud URLs: every file here is written through the local filesystem."""
-  if '://' in path_:
-    raise WorkdirError(f'{option} {path_}: cloud storage URLs are not supported; use a local or '
+  if '://' in workdir:
+    raise WorkdirError(f'--workdir {workdir}: cloud storage URLs are not supported; use a local or '
                        'shared (NFS, Filestore, gcsfuse-mounted) folder path.')
 
 
@@ -172,12 +186,10 @@ def _foreign(names: Iterable[str]) -> list[str]:
 def prepare(workdir: str, fresh: bool = False) -> str:
   """Checks `workdir` and returns it absolute, creating it (the only write) when it is new.
 
-  Every check comes before anything is created or written: the workdir is neither the root nor
-  the home folder; an existing one is a writable folder; each name this project uses there is
-  absent or of its kind (a file, or a folder) and no link that a write or a deletion would
-  follow; nothing under checkpoints/, checkpoints_damaged/ or tensorboard/ is a link or special
-  file; and a folder holding other files but no run of this project (no config.json) is used
-  only with `fresh`, which even then touches only this project's names (remove_for_fresh).
+  Every check comes before anything is written: not the root nor the home folder; a writable
+  folder; each name of NAMES absent or of its kind, and no link that a write or a deletion would
+  follow; no link or special file inside an emptied folder; and a folder of other files but no
+  run (no config.json) used only with `fresh`, which touches only this project's names.
 
   Raises:
     WorkdirError: one line naming the problem and the fix.
@@ -185,18 +197,9 @@ def prepare(workdir: str, fresh: bool = False) -> str:
   check_local(workdir)
   folder = os.path.abspath(workdir)
   _refuse_shared_folders(folder)
-  try:
-    st = os.stat(folder)  # A link at the workdir itself is the user's choice: followed.
-  except FileNotFoundError:
-    return check_writable(folder, 'workdir', 'choose another --workdir')
-  except OSError as e:
-    raise WorkdirError(f'workdir {folder} cannot be examined ({e.strerror}); choose another '
-                       '--workdir.') from None
-  if not stat.S_ISDIR(st.st_mode):
-    raise WorkdirError(f'workdir {folder} is a {kind(st.st_mode)}, not a folder; choose another '
-                       '--workdir.')
-  if not os.access(folder, os.W_OK | os.X_OK):
-    raise WorkdirError(f'workdir {folder} is not writable; choose another --workdir.')
+  # A link at the workdir itself is the user's choice: followed.
+  check_kind(folder, 'folder', 'choose another --workdir', follow=True, label=f'workdir {folder}')
+  check_writable(folder, 'workdir', 'choose another --workdir')  # Creates it when new.
   try:
     names = os.listdir(folder)
   except OSError as e:
@@ -216,11 +219,9 @@ def prepare(workdir: str, fresh: bool = False) -> str:
 
 
 def remove_for_fresh(workdir: str) -> None:
-  """Deletes the previous run for --fresh: this project's names only (never .lock, which the
-  caller holds, nor anything else in the folder); a link itself, never what it points to.
-
-  Call it holding the lock, after prepare(workdir, fresh=True). summary.json goes first (the
-  run is no longer finished), config.json last (the folder holds a run until the end).
+  """Deletes the previous run for --fresh, holding the lock, after prepare(workdir, fresh=True):
+  this project's names only (not the held .lock), a link itself, never what it points to.
+  summary.json goes first (no longer finished), config.json last (still a run until the end).
 
   Raises:
     WorkdirError: one line naming what could not be deleted (an immutable or read-only file).
@@ -245,12 +246,11 @@ def remove_for_fresh(workdir: str) -> None:
 
 
 def move_aside(workdir: str, source: str, label: str) -> str:
-  """Moves `source` (a damaged checkpoint's folder) into <workdir>/checkpoints_damaged/ by one
-  rename, as `label`-<unix time>[-n]; returns the new path. Nothing is copied or deleted.
+  """Moves `source` (a damaged checkpoint) into checkpoints_damaged/ by one rename, as
+  `label`-<unix time>[-n], and returns the new path.
 
   Raises:
-    WorkdirError: one line when it cannot be moved (immutable, read-only, no permission, or
-      checkpoints_damaged is not a folder); `source` is then left as it was.
+    WorkdirError: one line when it cannot be moved; `source` is then left as it was.
   """
   aside = path(workdir, DAMAGED)
   created = False
@@ -318,7 +318,7 @@ def storage_errors(folder: str):
 
 
 def write_atomic(target: str, data: bytes | str) -> None:
-  """Replaces `target` with `data`: exclusive temporary file, fsync, rename (never follows links)."""
+  """Replaces `target` with `data`: a new temporary file, fsync, rename (never follows links)."""
   folder = os.path.dirname(os.path.abspath(target))
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(target)}.', suffix='.tmp')
   try:
@@ -343,14 +343,14 @@ def write_json_lines(target: str, objs: Iterable[Any]) -> None:
 
 
 def append_json_line(target: str, obj: Any) -> None:
-  """Appends one JSON line; refuses to follow a link planted at `target`."""
+  """Appends one JSON line to the regular file at `target`, never through a link planted there."""
+  fix = 'remove it and run the same command again (it is rewritten from the checkpoint)'
   try:
-    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = _open_regular(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, fix)
   except OSError as e:
     if e.errno != errno.ELOOP:
       raise
-    raise WorkdirError(f'{target} is a symbolic link; remove it and run the same command again '
-                       '(it is rewritten from the checkpoint).') from None
+    raise WorkdirError(f'{target} is a symbolic link; {fix}.') from None
   with os.fdopen(fd, 'a') as f:
     f.write(json.dumps(obj) + '\n')
     f.flush()
@@ -365,19 +365,14 @@ def _damaged(file: str, detail: str, fix: str) -> WorkdirError:
 
 
 def read_regular(file: str, fix: str, error=None, follow: bool = False) -> bytes:
-  """The bytes of the regular file at `file` itself (or where its link leads, with `follow`): a
-  fifo, a socket or a device, which could block or act, is never opened; `error` (a UserError
-  class, default WorkdirError) naming `fix` otherwise."""
+  """The bytes of the regular file at `file` (or where its link leads, with `follow`); a fifo, a
+  socket or a device is never opened. `error` (default WorkdirError) names `fix` otherwise."""
   error = error or WorkdirError
   if check_kind(file, 'file', fix, error, follow=follow) is None:
     raise error(f'{file} cannot be read ({os.strerror(errno.ENOENT)}); {fix}.')
   try:
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-    fd = os.open(file, flags)
-    with os.fdopen(fd, 'rb') as f:
-      mode = os.fstat(f.fileno()).st_mode
-      if not stat.S_ISREG(mode):  # Replaced since it was checked.
-        raise error(f'{file} is a {kind(mode)}, not a file; {fix}.')
+    flags = os.O_RDONLY | (0 if follow else os.O_NOFOLLOW)
+    with os.fdopen(_open_regular(file, flags, fix, error), 'rb') as f:
       return f.read()
   except OSError as e:
     raise error(f'{file} cannot be read ({e.strerror}); {fix}.') from None
@@ -478,11 +473,9 @@ def _command(pid: int) -> str:
 class Lock:
   """An exclusive lock on <workdir>/.lock for the life of a training.
 
-  `fcntl.flock` is released by the kernel when the holder dies (SIGKILL, crash), so a stale lock
-  never blocks the next run. The holder records its pid and host in the file once it holds the
-  lock, and clears them on release; a refused run names the record only when it is the live
-  holder's (a killed run's record stays behind, and a process that is not a training of this
-  project may hold the lock without writing one).
+  The kernel releases a flock when its holder dies, so a stale lock never blocks the next run.
+  The holder writes its pid and host in the file; a refusal names them only when they are the
+  live holder's (a killed run's record stays behind; a stranger may hold the lock unnamed).
   """
 
   def __init__(self, workdir: str):
@@ -496,23 +489,16 @@ class Lock:
         '--workdir.')
 
   def _open(self) -> int:
-    """The lock file's descriptor: a regular file in the workdir, never a link, fifo or device
-    (checked before opening: opening those may block or act)."""
+    """The lock file's descriptor: a regular file in the workdir, checked before it is opened."""
     _check_owned(self._workdir, LOCK)
+    fix = ('the lock file is created by the training itself: remove it and run the same command '
+           'again')
     try:
-      fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                   | os.O_CLOEXEC, 0o644)
+      return _open_regular(self._path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, fix)
     except OSError as e:
-      if e.errno == errno.ELOOP:
-        raise WorkdirError(f'{self._path} is a symbolic link; remove it (the lock file is '
-                           'created by the training itself).') from None
+      if e.errno == errno.ELOOP:  # A link planted since the check.
+        raise WorkdirError(f'{self._path} is a symbolic link; {fix}.') from None
       raise self._error(e, 'created') from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):  # Replaced between the check and the open.
-      os.close(fd)
-      raise WorkdirError(f'{self._path} is a {kind(mode)}, not a file; the lock file is created '
-                         'by the training itself: remove it and run the same command again.')
-    return fd
 
   def acquire(self) -> None:
     fd = self._open()
@@ -537,8 +523,8 @@ class Lock:
     self._fd = fd
 
   def _busy(self, fd: int) -> str:
-    """The refusal, naming the live holder: its record, once checked against the process that
-    holds the lock (a new holder may be writing it: looked at a few times)."""
+    """The refusal, naming the holder's record once checked against the live holder (a new holder
+    may be writing it: read a few times)."""
     st = os.fstat(fd)
     holders = None
     for attempt in range(5):
@@ -567,10 +553,3 @@ class Lock:
         os.ftruncate(self._fd, 0)  # No name left behind for a later holder's refusals.
       os.close(self._fd)  # Closing releases the flock; the file stays, harmlessly.
       self._fd = None
-
-  def __enter__(self):
-    self.acquire()
-    return self
-
-  def __exit__(self, *exc):
-    self.release()
