@@ -465,7 +465,7 @@ def test_lock_held_by_a_stranger_says_so_not_a_dead_runs_name(tmp_path):
 
 def test_lock_names_the_training_that_holds_it(tmp_path):
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys, time; from fmnist_jax import workdir; '
+      [sys.executable, '-c', 'import sys, time; from fmnist_jax.run import workdir; '
        'workdir.Lock(sys.argv[1]).acquire(); time.sleep(30)', str(tmp_path)],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
   try:
