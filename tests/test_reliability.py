@@ -416,3 +416,83 @@ def test_fewer_epochs_than_a_finished_run_is_one_line(data_dir, reference, tmp_p
   assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
   assert 'holds a run of 1876 steps, more than the 938 of num_epochs=1' in result.stderr
   assert _tree_digest(workdir) == before
+
+
+# A full disk, a quota or a read-only filesystem at the small files' writes -----------------------
+
+STORAGE = {'ENOSPC': 'no space left on', 'EDQUOT': 'disk quota exceeded on',
+           'EROFS': 'read-only filesystem on'}
+# The file each write flushes: the atomic writes' temporary files, the appended metrics.jsonl.
+WRITES = {'metrics': r'\.metrics\.jsonl\..+\.tmp', 'summary': r'\.summary\.json\..+\.tmp',
+          'metrics_append': r'metrics\.jsonl', 'figures': r'\..+\.png\..+\.tmp'}
+
+
+def _failing(code, write, *args):
+  """`python -m <args>` with `code` raised by the flush of WRITES[write] (tests/fail_writes.py)."""
+  return run_cli('tests.fail_writes', code, WRITES[write], *args)
+
+
+def _only_line(result, message, folder):
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.startswith(f'error: {message} the device holding {folder}: free some '
+                                  'space'), result.stderr[-3000:]
+  assert len(result.stderr.splitlines()) == 1, result.stderr[-3000:]
+
+
+def _temporary_files(folder):
+  return [p for p in folder.rglob('*') if p.name.endswith('.tmp')]
+
+
+@pytest.mark.parametrize('code', STORAGE)
+@pytest.mark.parametrize('write', ['metrics', 'summary'])
+def test_storage_error_at_a_small_file_is_one_line(write, code, data_dir, reference, tmp_path):
+  """A finished run whose summary.json is missing rewrites metrics.jsonl, then summary.json: the
+  error at either is one line, and what was there stays as it was."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  (workdir / 'summary.json').unlink()
+  metrics = (workdir / 'metrics.jsonl').read_bytes()
+  _only_line(_failing(code, write, 'fmnist_jax.train', *_args(data_dir, workdir)), STORAGE[code],
+             workdir)
+  assert not _temporary_files(workdir)
+  assert (workdir / 'metrics.jsonl').read_bytes() == metrics
+  assert not (workdir / 'summary.json').exists()
+
+
+@pytest.mark.parametrize('code', STORAGE)
+def test_storage_error_at_an_epochs_metrics_line_is_one_line_and_resumes(code, data_dir,
+                                                                         reference, tmp_path):
+  """The epoch's line is appended after its checkpoint: the run stops in one line, and the next
+  run writes metrics.jsonl again from the checkpoint, each epoch once."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  args = (*_args(data_dir, workdir), '--config.num_epochs=3')
+  _only_line(_failing(code, 'metrics_append', 'fmnist_jax.train', *args), STORAGE[code], workdir)
+  assert not _temporary_files(workdir)
+  assert json.loads((workdir / 'summary.json').read_text())['steps'] == 2 * 938  # The old run's.
+  result = run_cli('fmnist_jax.train', *args)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert [e['epoch'] for e in _untimed(workdir)] == [1, 2, 3]
+  summary = json.loads((workdir / 'summary.json').read_text())  # Not the shorter run's.
+  assert summary['steps'] == 3 * 938 and summary['steps_run'] == 0  # Not retrained.
+  assert summary['test_accuracy'] == _untimed(workdir)[-1]['test_accuracy']
+
+
+@pytest.mark.parametrize('code', STORAGE)
+def test_storage_error_at_a_figure_is_one_line(code, reference, tmp_path):
+  figures = tmp_path / 'figures'
+  _only_line(_failing(code, 'figures', 'fmnist_jax.predict', f'--workdir={reference}',
+                      f'--figures_dir={figures}'), STORAGE[code], figures)
+  assert not list(figures.iterdir())
+
+
+def test_full_disk_at_a_figure_is_one_line(reference, tmp_path):
+  """A real full disk: a tmpfs of one page, where no figure fits."""
+  figures = tmp_path / 'figures'
+  _tmpfs(figures, '4k')
+  try:
+    result = run_cli('fmnist_jax.predict', f'--workdir={reference}', f'--figures_dir={figures}')
+    _only_line(result, STORAGE['ENOSPC'], figures)
+    assert not os.listdir(figures)
+  finally:
+    subprocess.run(['umount', str(figures)], check=False)

@@ -96,6 +96,8 @@ class Outputs:
     except workdir_lib.WorkdirError as e:
       self.log(f'warning: {e}')
       return None
+    if summary['steps'] != step:  # A shorter run's, left by a run extended since: rewritten.
+      return None
     self.say(finished_line(self.workdir, summary))
     self.say(result_line(summary))
     return summary
