@@ -386,26 +386,38 @@ def test_disk_full_is_one_line_and_resumes(data_dir, reference, tmp_path):
   _assert_bitwise_same_run(_config(data_dir), saved, reference)
 
 
-def test_disk_full_while_preparing_data_is_one_line(data_dir, tmp_path, monkeypatch):
-  """Injected at the write of the decoded copy (the tfds data is there, the copy is not)."""
-  import errno
-  from fmnist_jax import data
-  from fmnist_jax.run import workdir as workdir_lib
-  root = tmp_path / 'tfds'
-  shutil.copytree(data_dir, root)
-  for copy in root.glob('fashion_mnist/fmnist_jax-*.npz'):
-    copy.unlink()
+def _folder_bytes(folder) -> int:
+  return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder)
+             for name in names)
 
-  def full(*args, **kwargs):
-    raise OSError(errno.ENOSPC, 'No space left on device')
-  config = load_test_config()
-  config.data.data_dir = str(root)
-  monkeypatch.setattr(workdir_lib, 'write_atomic', full)
-  with pytest.raises(UserError, match=f'no space left on the device holding {root}'):
-    data.load(config.data)
-  assert not list(root.glob('fashion_mnist/*.tmp'))
-  monkeypatch.undo()
-  assert len(data.load(config.data)['train']['label']) == 60_000
+
+def test_disk_full_while_preparing_data_is_one_line(data_dir, arrays, tmp_path):
+  """A real full disk at the write of the decoded copy: the tfds data fits on the tmpfs, the
+  copy (55 MB) does not. One line, no temporary file left, and once there is room the same call
+  writes the copy."""
+  from fmnist_jax import data
+  room = _folder_bytes(os.path.join(data_dir, data.DATASET, data.TFDS_VERSION))
+  small = tmp_path / 'small'
+  _tmpfs(small, str(room + 16 * 2**20))  # The tfds files and 16 MB: less than the copy needs.
+  try:
+    root = small / 'tfds'
+    shutil.copytree(data_dir, root, ignore=shutil.ignore_patterns('fmnist_jax-*'))
+    free = shutil.disk_usage(small).free
+    config = load_test_config()
+    config.data.data_dir = str(root)
+    with pytest.raises(UserError, match=f'^no space left on the device holding {root}:') as e:
+      data.load(config.data)
+    assert '\n' not in str(e.value)
+    assert not [n for n in os.listdir(root / data.DATASET) if n.endswith('.tmp') or 'npz' in n]
+    assert shutil.disk_usage(small).free == free  # What was written is gone again.
+    subprocess.run(['mount', '-o', 'remount,size=200m', str(small)], check=True)
+    loaded = data.load(config.data)
+    assert (root / data.DATASET / f'fmnist_jax-{data.TFDS_VERSION}.npz').exists()
+  finally:
+    subprocess.run(['umount', str(small)], check=False)
+  for split in ('train', 'test'):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(loaded[split][key], arrays[split][key])
 
 
 def test_fewer_epochs_than_a_finished_run_is_one_line(data_dir, reference, tmp_path):
