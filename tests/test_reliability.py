@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -69,19 +70,6 @@ def _start(data_dir, workdir, input_mode='device'):
                            *_args(data_dir, workdir, input_mode)],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
-
-
-def _wait_for_checkpoint(proc, workdir, at_least):
-  """Polls until a finished checkpoint of step >= at_least exists; returns its step."""
-  folder = workdir / 'checkpoints'
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    steps_done = [int(n) for n in (os.listdir(folder) if folder.exists() else []) if n.isdigit()]
-    if steps_done and max(steps_done) >= at_least:
-      return max(steps_done)
-    assert proc.poll() is None, proc.communicate()[1][-2000:]
-    time.sleep(0.005)
-  raise AssertionError('no checkpoint appeared')
 
 
 def _data_files(step_dir):
@@ -178,18 +166,42 @@ def test_unwritable_workdir_and_data_dir(data_dir, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def _lock_record(workdir) -> str:
+  try:
+    return (workdir / '.lock').read_text().strip()
+  except FileNotFoundError:
+    return ''
+
+
+def _wait_for_lock_record(proc, workdir):
+  """Returns once `proc` holds <workdir>/.lock: a training writes its name there only then."""
+  record = f'pid {proc.pid} on {socket.gethostname()}'
+  deadline = time.time() + 300  # A hang guard: fails the test, whatever the machine's speed.
+  while _lock_record(workdir) != record:
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    assert time.time() < deadline, 'the training never took the lock'
+    time.sleep(0.01)
+
+
 def test_one_training_per_workdir(data_dir, reference, tmp_path):
-  """A second training in a busy workdir stops at once naming the first; a killed one's lock is
-  no obstacle."""
+  """A second training in a busy workdir stops at once naming the first, and changes nothing
+  there; a killed one's lock is no obstacle. The first is frozen (SIGSTOP) once it holds the lock,
+  so it is still running when the second starts, however fast the machine."""
   first = _start(data_dir, tmp_path)
-  _wait_for_checkpoint(first, tmp_path, EVERY)
-  second = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path), timeout=120)
-  assert second.returncode == 2 and 'Traceback' not in second.stderr, second.stderr[-2000:]
-  assert f'another training (pid {first.pid} on ' in second.stderr
-  assert 'is writing to' in second.stderr
-  first.send_signal(signal.SIGKILL)  # Leaves .lock behind, unlocked.
-  first.communicate()
-  assert (tmp_path / '.lock').exists()
+  try:
+    _wait_for_lock_record(first, tmp_path)
+    first.send_signal(signal.SIGSTOP)
+    before = _tree_digest(tmp_path)
+    second = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path), timeout=120)
+    assert second.returncode == 2 and 'Traceback' not in second.stderr, second.stderr[-2000:]
+    assert second.stderr.startswith(f'error: another training (pid {first.pid} on '
+                                    f'{socket.gethostname()}) is writing to {tmp_path}')
+    assert len(second.stderr.splitlines()) == 1
+    assert _tree_digest(tmp_path) == before
+  finally:
+    first.send_signal(signal.SIGKILL)  # Leaves .lock behind, unlocked, with its name in it.
+    first.communicate()
+  assert _lock_record(tmp_path).startswith(f'pid {first.pid} on ')
   result = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path))
   assert result.returncode == 0, result.stderr[-2000:]
   _assert_bitwise_same_run(_config(data_dir), tmp_path, reference)
