@@ -398,6 +398,52 @@ def test_disk_full_is_one_line_and_resumes(data_dir, reference, tmp_path):
   _assert_bitwise_same_run(_config(data_dir), saved, reference)
 
 
+def _mount(*args) -> bool:
+  return subprocess.run(['mount', *args], capture_output=True).returncode == 0
+
+
+def test_read_only_filesystem_at_a_checkpoint_is_one_line_and_resumes(data_dir, reference,
+                                                                      tmp_path):
+  """checkpoints/ turns read-only under a running training (a bind mount remounted read-only while
+  the training is frozen, from just after it wrote config.json: before, or between, its
+  checkpoint saves): the next save is refused by the kernel with EROFS. One line, exit 2, nothing
+  half written; once writable again the same command ends bitwise as the uninterrupted run."""
+  workdir = tmp_path / 'run'
+  folder = workdir / 'checkpoints'
+  folder.mkdir(parents=True)
+  if not _mount('--bind', str(folder), str(folder)):
+    pytest.skip('needs root to make a read-only bind mount')
+  proc = _start(data_dir, workdir)
+  try:
+    deadline = time.time() + 300  # A hang guard, not a measure of speed.
+    while not (workdir / 'config.json').exists():
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+      time.sleep(0.01)
+    while True:  # A save in progress holds files open for writing: the remount waits it out.
+      proc.send_signal(signal.SIGSTOP)
+      if _mount('-o', 'remount,bind,ro', str(folder)):
+        break
+      proc.send_signal(signal.SIGCONT)
+      assert proc.poll() is None and time.time() < deadline, 'never remounted read-only'
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert err.startswith(f'error: read-only filesystem on the device holding {workdir}: '
+                          'free some space'), err[-3000:]
+    assert len(err.splitlines()) == 1, err[-3000:]
+    assert all(n.isdigit() for n in os.listdir(folder))  # Whole checkpoints only.
+    assert _mount('-o', 'remount,bind,rw', str(folder))
+    result = run_cli('fmnist_jax.train', *_args(data_dir, workdir))
+    assert result.returncode == 0, result.stderr[-2000:]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+    subprocess.run(['umount', str(folder)], check=False)
+  _assert_bitwise_same_run(_config(data_dir), workdir, reference)
+
+
 def _folder_bytes(folder) -> int:
   return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder)
              for name in names)
