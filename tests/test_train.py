@@ -268,18 +268,24 @@ def _cli_summary(data_dir, workdir, *args, env=None) -> dict:
 
 
 def test_compile_cache_can_be_moved_and_turned_off(data_dir, tmp_path):
-  """--config.compile_cache_dir=DIR moves JAX's cache there (the first run fills it, the second
-  is served from it) and '' turns it off; neither touches the default folder."""
-  xdg = tmp_path / 'xdg'  # Where 'auto' would put it.
-  env = {'XDG_CACHE_HOME': str(xdg)}
-  cache = tmp_path / 'moved'
-  first = _cli_summary(data_dir, tmp_path / 'a', f'--config.compile_cache_dir={cache}', env=env)
-  entries = sorted(p.name for p in cache.rglob('*'))
+  """JAX's cache is in $XDG_CACHE_HOME/fmnist_jax/jax by default; --config.compile_cache_dir=DIR
+  moves it there (the first run fills it, the second is served from it) and '' turns it off;
+  neither touches the default folder."""
+  def listing(folder):
+    return sorted(p.name for p in folder.rglob('*'))
+  env = {'XDG_CACHE_HOME': str(tmp_path / 'xdg')}
+  auto = _cli_summary(data_dir, tmp_path / 'a', env=env)
+  default = listing(tmp_path / 'xdg' / 'fmnist_jax' / 'jax')
+  assert auto['compile_cache_hit'] is False and default
+  moved = tmp_path / 'moved'
+  first = _cli_summary(data_dir, tmp_path / 'b', f'--config.compile_cache_dir={moved}', env=env)
+  entries = listing(moved)
   assert first['compile_cache_hit'] is False and entries
-  second = _cli_summary(data_dir, tmp_path / 'b', f'--config.compile_cache_dir={cache}', env=env)
+  second = _cli_summary(data_dir, tmp_path / 'c', f'--config.compile_cache_dir={moved}', env=env)
   assert second['compile_cache_hit'] is True
-  assert sorted(p.name for p in cache.rglob('*')) == entries  # Nothing compiled again.
-  off = _cli_summary(data_dir, tmp_path / 'c', '--config.compile_cache_dir=', env=env)
+  assert listing(moved) == entries  # Nothing compiled again.
+  off = _cli_summary(data_dir, tmp_path / 'd', '--config.compile_cache_dir=', env=env)
   assert off['compile_cache_hit'] is None
-  assert sorted(p.name for p in cache.rglob('*')) == entries and not xdg.exists()
-  assert first['test_loss'] == second['test_loss'] == off['test_loss']
+  assert listing(moved) == entries
+  assert listing(tmp_path / 'xdg' / 'fmnist_jax' / 'jax') == default
+  assert auto['test_loss'] == first['test_loss'] == second['test_loss'] == off['test_loss']
