@@ -177,6 +177,32 @@ def test_interrupted_preparation_leaves_nothing_trusted(tmp_path, source_dir, mo
   assert not os.path.exists(tmp_path / 'fashion_mnist' / '3.0.1' / 'dataset_info.json')
 
 
+def test_data_dir_order(tmp_path, monkeypatch):
+  """--config.data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'env'))
+  assert data.data_dir(_config(tmp_path / 'field')) == str(tmp_path / 'field')
+  assert data.data_dir(_config('')) == str(tmp_path / 'env')
+  monkeypatch.delenv('TFDS_DATA_DIR')
+  assert data.data_dir(_config('')) == str(tmp_path / 'home' / 'tensorflow_datasets')
+
+
+@pytest.mark.parametrize('mode', ['device', 'stream'])
+def test_training_without_tfds_mode_never_imports_tensorflow(mode, data_dir, tmp_path):
+  """With the data prepared, only the tfds input mode imports TensorFlow (Python's own import
+  log, PYTHONPROFILEIMPORTTIME, names every module imported)."""
+  from tests.conftest import run_cli
+  result = run_cli('fmnist_jax.train', '--config', 'configs/test.py',
+                   f'--config.data.data_dir={data_dir}', f'--config.input_mode={mode}',
+                   '--config.tensorboard=True', f'--workdir={tmp_path}',
+                   env={'PYTHONPROFILEIMPORTTIME': '1'})
+  assert result.returncode == 0, result.stderr[-2000:]
+  imported = {line.rsplit('|', 1)[-1].strip() for line in result.stderr.splitlines()
+              if line.startswith('import time:')}
+  assert {'jax', 'numpy'} <= imported  # The log is there ...
+  assert not {m for m in imported if m.startswith(('tensorflow', 'tensorflow_datasets'))}
+
+
 def test_manual_dir_must_hold_the_files(tmp_path):
   with pytest.raises(data.DataError, match='does not hold the four Fashion-MNIST IDX'):
     data.load(_config(tmp_path / 'tfds', manual_dir=tmp_path))
