@@ -206,6 +206,20 @@ def test_flops_per_step_near_the_analytic_count(device_run):
   assert summary['peak_flops_per_second'] is None and summary['mfu'] is None  # A CPU.
 
 
+def test_the_train_state_is_donated():
+  """The device mode's chunk updates the train state in place: XLA aliases every one of its
+  buffers to an output, so parameters and Adam state are never held twice."""
+  import re
+  config = load_test_config()
+  from fmnist_jax import distributed
+  from fmnist_jax.plan import RunPlan
+  plan = RunPlan.create(config, 60_000, 10_000, jax.device_count())
+  chunk = programs.programs(config, distributed.make_mesh(), plan)['train_chunk']
+  header = chunk.lower().compile().as_text().splitlines()[0]
+  aliased = {int(i) for i in re.findall(r'\((\d+), \{\}, (?:may|must)-alias\)', header)}
+  assert aliased == set(range(len(jax.tree.leaves(steps.abstract_state(config)))))
+
+
 def test_plain_orbax_reads_the_checkpoint_as_a_nested_tree(device_run):
   import orbax.checkpoint as ocp
   config, workdir, _ = device_run
