@@ -155,7 +155,7 @@ class ExpectedSkips:
     self.skipped = {}
 
   def _record(self, report) -> None:
-    if report.skipped:
+    if report.skipped and not hasattr(report, 'wasxfail'):  # An xfail is reported as skipped.
       reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
       self.skipped[report.nodeid] = reason
 
@@ -172,8 +172,8 @@ class ExpectedSkips:
   def pytest_terminal_summary(self, terminalreporter):
     unexpected = unexpected_skips(self.skipped, self.expected)
     expected = len(self.skipped) - len(unexpected)
-    terminalreporter.write_line(f'expected skips ({self.path}): {expected} of '
-                                f'{len(self.skipped)} skipped')
+    terminalreporter.write_line(f'{len(self.skipped)} skipped, {expected} of them listed in '
+                                f'{self.path}')
     for node, reason in sorted(unexpected.items()):
       terminalreporter.write_line(f'UNEXPECTED SKIP {node}: {reason}', red=True)
     if unexpected:
