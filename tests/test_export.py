@@ -377,8 +377,9 @@ def test_a_gpu_program_that_does_not_fit_is_named_in_one_line():
                     '.ci/compile_check.sh')
 def test_xla_tpu_refusal_of_a_program_too_large_is_one_line(tmp_path):
   """XLA:TPU itself refuses (RESOURCE_EXHAUSTED) a train chunk whose 6-million-unit hidden layer,
-  with its Adam state, is 54 GB of arguments for a 16 GB v5e: refused in seconds by every libtpu
-  CI compiles with (0.0.42.1, and Colab's 0.0.23), each in its own words, told in one line."""
+  with its Adam state, is 54 GB of arguments for a 16 GB v5e: refused in seconds by both libtpus
+  CI compiles with (0.0.42.1, and 0.0.23, which jax[tpu]==0.7.2 pins: Colab's jax), each in its
+  own words, told in one line."""
   result = run_cli('fmnist_jax.export', '--config', 'configs/base.py', '--tpu', 'v5e:1x1',
                    '--config.input_mode=stream', '--config.hidden_sizes=(6000000,)', '--out',
                    str(tmp_path), env={'XLA_FLAGS': ''})
