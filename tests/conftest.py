@@ -102,6 +102,26 @@ def run_cli(*args, env=None, timeout=600, cwd=ROOT):
                         timeout=timeout, cwd=cwd, env=full_env)
 
 
+def wait_for_lock_record(proc, workdir, timeout: float = 300) -> None:
+  """Returns once `proc` holds <workdir>/.lock: the holder writes its name there only then, so
+  waiting for the name never races it (probing the lock could take it first). The timeout is a
+  hang guard that fails the test; it measures nothing."""
+  import socket
+  import time
+  record = f'pid {proc.pid} on {socket.gethostname()}\n'
+  deadline = time.time() + timeout
+  while True:
+    try:
+      with open(os.path.join(workdir, '.lock'), encoding='utf-8') as f:
+        if f.read() == record:
+          return
+    except FileNotFoundError:
+      pass
+    assert proc.poll() is None, f'{proc.args} ended without taking the lock'
+    assert time.time() < deadline, f'{proc.args} never took the lock'
+    time.sleep(0.01)
+
+
 def restore_state(config, workdir):
   """(TrainState, record) of the newest readable checkpoint in `workdir`."""
   from fmnist_jax import steps

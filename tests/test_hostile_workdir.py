@@ -26,7 +26,7 @@ from fmnist_jax import config as config_lib
 from fmnist_jax.run import workdir as workdir_lib
 from fmnist_jax.errors import UserError
 from fmnist_jax.run.workdir import WorkdirError
-from tests.conftest import ROOT, load_test_config, run_cli
+from tests.conftest import ROOT, load_test_config, run_cli, wait_for_lock_record
 
 
 # Helpers -----------------------------------------------------------------------------------------
@@ -471,11 +471,7 @@ def test_lock_names_the_training_that_holds_it(tmp_path):
        'workdir.Lock(sys.argv[1]).acquire(); time.sleep(300)', str(tmp_path)],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
   try:
-    record = f'pid {holder.pid} on {socket.gethostname()}\n'
-    deadline = time.time() + 60  # A hang guard, not a measure of speed.
-    while not (tmp_path / '.lock').exists() or (tmp_path / '.lock').read_text() != record:
-      assert holder.poll() is None and time.time() < deadline, 'the holder never took the lock'
-      time.sleep(0.01)
+    wait_for_lock_record(holder, tmp_path)
     message = _refused(workdir_lib.Lock(str(tmp_path)).acquire)
   finally:
     holder.kill()

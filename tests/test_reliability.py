@@ -17,7 +17,7 @@ import pytest
 
 from fmnist_jax import loop
 from fmnist_jax.errors import UserError
-from tests.conftest import load_test_config, ROOT, restore_state, run_cli
+from tests.conftest import load_test_config, ROOT, restore_state, run_cli, wait_for_lock_record
 
 EVERY = 50  # Checkpoint interval of these tests: many mid-epoch checkpoints.
 TIMED = {'seconds', 'steps_per_second'}
@@ -166,30 +166,13 @@ def test_unwritable_workdir_and_data_dir(data_dir, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def _lock_record(workdir) -> str:
-  try:
-    return (workdir / '.lock').read_text().strip()
-  except FileNotFoundError:
-    return ''
-
-
-def _wait_for_lock_record(proc, workdir):
-  """Returns once `proc` holds <workdir>/.lock: a training writes its name there only then."""
-  record = f'pid {proc.pid} on {socket.gethostname()}'
-  deadline = time.time() + 300  # A hang guard: fails the test, whatever the machine's speed.
-  while _lock_record(workdir) != record:
-    assert proc.poll() is None, proc.communicate()[1][-2000:]
-    assert time.time() < deadline, 'the training never took the lock'
-    time.sleep(0.01)
-
-
 def test_one_training_per_workdir(data_dir, reference, tmp_path):
   """A second training in a busy workdir stops at once naming the first, and changes nothing
   there; a killed one's lock is no obstacle. The first is frozen (SIGSTOP) once it holds the lock,
   so it is still running when the second starts, however fast the machine."""
   first = _start(data_dir, tmp_path)
   try:
-    _wait_for_lock_record(first, tmp_path)
+    wait_for_lock_record(first, tmp_path)
     first.send_signal(signal.SIGSTOP)
     before = _tree_digest(tmp_path)
     second = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path), timeout=120)
@@ -201,7 +184,7 @@ def test_one_training_per_workdir(data_dir, reference, tmp_path):
   finally:
     first.send_signal(signal.SIGKILL)  # Leaves .lock behind, unlocked, with its name in it.
     first.communicate()
-  assert _lock_record(tmp_path).startswith(f'pid {first.pid} on ')
+  assert (tmp_path / '.lock').read_text() == f'pid {first.pid} on {socket.gethostname()}\n'
   result = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path))
   assert result.returncode == 0, result.stderr[-2000:]
   _assert_bitwise_same_run(_config(data_dir), tmp_path, reference)
