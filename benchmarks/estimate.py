@@ -5,9 +5,9 @@ this machine's measured CPU speed.
     python -m benchmarks.estimate --gpu t4,h100           # needs pip install -e '.[cuda12]'
 
 For batch 32, 512 and 8192 (one model) and for 1, 8 and 64 vmapped models at batch 32 it compiles
-the trainer's train chunk for one chip (its cost analysis counts the loop body, one step, once)
-and turns its time into steps/s and examples/s: on TPUs XLA:TPU's cost-model estimate, on GPUs a roofline bound
-(fmnist_jax.hardware.targets). Both leave out loop, launch and host overheads, so they are upper
+one train step as the trainer builds it ('train_step', fmnist_jax.programs.one_step) for one chip
+and turns its time into steps/s and examples/s: on TPUs XLA:TPU's cost-model estimate, on GPUs a
+roofline bound (fmnist_jax.hardware.targets). Both leave out loop, launch and host overheads, so they are upper
 bounds on speed, not measurements. Writes benchmarks/reports/tpu-estimate.md and .json (or
 gpu-estimate.*); the CPU column is read from the measured benchmarks/reports/cpu-2core.json.
 """
@@ -69,10 +69,10 @@ def estimate(kind: str, target: str, batch: int, models: int) -> dict:
   config.batch_size, config.num_models = batch, models
   if kind == 'tpu':
     (record,) = compile_check.compile_tpu(config, targets.parse_tpu(target), False,
-                                   ('train_chunk',), log=lambda _: None)
+                                          ('train_step',), log=lambda _: None)
   else:
-    (record,) = compile_check.compile_gpu(config, targets.GPUS[target], 1, False, ('train_chunk',),
-                                   log=lambda _: None)
+    (record,) = compile_check.compile_gpu(config, targets.GPUS[target], 1, False,
+                                          ('train_step',), log=lambda _: None)
   seconds = record['estimated_seconds']
   steps = 1 / seconds if seconds else None  # None: the cost model gave no estimate.
   return dict(record, batch_size=batch, num_models=models, estimated_steps_per_second=steps,
@@ -114,9 +114,8 @@ def markdown(kind: str, report: dict) -> str:
       f'- Compiled on a {report["machine"]} without the accelerator, by '
       f'{"XLA:TPU" if kind == "tpu" else "XLA:GPU"} ({report["compiler"]}). The command: '
       f'`{report["command"]}`.',
-      "- What: one train step, the body of the trainer's own `train_chunk` program "
-      '(fmnist_jax/programs.py; cost analysis counts a loop body once) of '
-      'configs/base.py (784-128-10 MLP, Adam, float32), for one chip. Its time is ' + long + '.',
+      "- What: one train step as the trainer builds it (`train_step`, fmnist_jax/programs.py's "
+      '`one_step`; the chunk\'s own cost also holds what each call pays once) of configs/base.py (784-128-10 MLP, Adam, float32), for one chip. Its time is ' + long + '.',
       '- These leave out the loop, launch and host overheads (the trainer runs a whole epoch in '
       'one compiled loop, whose per-step overhead no cost model counts): they bound what a chip '
       'could do, they are not what it does. Nothing here ran on a TPU or GPU.',

@@ -11,7 +11,7 @@ from flax import nnx
 
 from fmnist_jax import IMAGE_PIXELS
 from fmnist_jax.plan import ModelSpec
-# flax >= 0.12 needs nnx.List for a list of submodules; flax 0.11 (Colab's) has none and takes a list.
+# flax >= 0.12 needs nnx.List for a list of submodules; flax 0.11 (Colab's) has none, takes a list.
 _ModuleList = getattr(nnx, 'List', list)
 
 

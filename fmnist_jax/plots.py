@@ -23,7 +23,8 @@ def save(fig: Figure, directory: str, name: str) -> str:
   path = os.path.join(directory, f'{name}.png')
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=100, bbox_inches='tight')
-  workdir_lib.write_atomic(path, buffer.getvalue())
+  with workdir_lib.storage_errors(directory):  # A full disk is one line, as for the training.
+    workdir_lib.write_atomic(path, buffer.getvalue())
   return path
 
 

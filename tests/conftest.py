@@ -1,6 +1,9 @@
-"""Shared fixtures: real Fashion-MNIST prepared once per session into a temporary tfds data dir."""
+"""Shared fixtures: real Fashion-MNIST prepared once per session into a temporary tfds data dir;
+and the check that a run skipped only what its environment's list expects (FMNIST_EXPECTED_SKIPS).
+"""
 
 import fcntl
+import fnmatch
 import os
 import subprocess
 import sys
@@ -107,6 +110,26 @@ def initial_state(config):
                           config.seed)
 
 
+def wait_for_lock_record(proc, workdir, timeout: float = 300) -> None:
+  """Returns once `proc` holds <workdir>/.lock: the holder writes its name there only then, so
+  waiting for the name never races it (probing the lock could take it first). The timeout is a
+  hang guard that fails the test; it measures nothing."""
+  import socket
+  import time
+  record = f'pid {proc.pid} on {socket.gethostname()}\n'
+  deadline = time.time() + timeout
+  while True:
+    try:
+      with open(os.path.join(workdir, '.lock'), encoding='utf-8') as f:
+        if f.read() == record:
+          return
+    except FileNotFoundError:
+      pass
+    assert proc.poll() is None, f'{proc.args} ended without taking the lock'
+    assert time.time() < deadline, f'{proc.args} never took the lock'
+    time.sleep(0.01)
+
+
 def restore_state(config, workdir):
   """(TrainState, record) of the newest readable checkpoint in `workdir`."""
   from fmnist_jax.run import checkpoint
@@ -116,3 +139,76 @@ def restore_state(config, workdir):
     return ckpt.restore(template)
   finally:
     ckpt.close()
+
+
+# Expected skips ----------------------------------------------------------------------------------
+
+EXPECTED_SKIPS_ENV = 'FMNIST_EXPECTED_SKIPS'
+
+
+def read_expected_skips(path: str) -> list[tuple[str, str]]:
+  """(pattern, reason) per line of an expected-skips file: `<node id or fnmatch pattern>  # why`.
+
+  Blank lines and lines starting with '#' are comments; a line without its reason is refused, so
+  every listed skip says why this environment cannot run it.
+  """
+  entries = []
+  with open(path, encoding='utf-8') as f:
+    for number, line in enumerate(f, 1):
+      line = line.strip()
+      if not line or line.startswith('#'):
+        continue
+      pattern, _, reason = line.partition('#')
+      if not pattern.strip() or not reason.strip():
+        raise pytest.UsageError(f'{path}:{number}: expected `<node id or pattern>  # reason`, '
+                                f'got {line!r}')
+      entries.append((pattern.strip(), reason.strip()))
+  return entries
+
+
+def unexpected_skips(skipped: dict[str, str], expected: list[tuple[str, str]]) -> dict[str, str]:
+  """The skipped node ids (with pytest's reason) that no expected pattern matches."""
+  return {node: reason for node, reason in skipped.items()
+          if not any(fnmatch.fnmatchcase(node, pattern) for pattern, _ in expected)}
+
+
+class ExpectedSkips:
+  """Fails the run (exit 1) when a test skips that the environment's list does not name: a skip
+  passes silently otherwise, and a guarantee whose test cannot run here would go unchecked."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.expected = read_expected_skips(path)
+    self.skipped = {}
+
+  def _record(self, report) -> None:
+    if report.skipped and not hasattr(report, 'wasxfail'):  # An xfail is reported as skipped.
+      reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+      self.skipped[report.nodeid] = reason
+
+  def pytest_runtest_logreport(self, report):  # On the controller too, with pytest-xdist.
+    self._record(report)
+
+  def pytest_collectreport(self, report):
+    self._record(report)
+
+  def pytest_sessionfinish(self, session):
+    if unexpected_skips(self.skipped, self.expected) and session.exitstatus == 0:
+      session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+  def pytest_terminal_summary(self, terminalreporter):
+    unexpected = unexpected_skips(self.skipped, self.expected)
+    expected = len(self.skipped) - len(unexpected)
+    terminalreporter.write_line(f'{len(self.skipped)} skipped, {expected} of them listed in '
+                                f'{self.path}')
+    for node, reason in sorted(unexpected.items()):
+      terminalreporter.write_line(f'UNEXPECTED SKIP {node}: {reason}', red=True)
+    if unexpected:
+      terminalreporter.write_line(f'{len(unexpected)} unexpected skip(s): make them run here, or '
+                                  f'list them in {self.path} with the reason', red=True)
+
+
+def pytest_configure(config):
+  path = os.environ.get(EXPECTED_SKIPS_ENV)
+  if path and not hasattr(config, 'workerinput'):  # The controller sees every worker's reports.
+    config.pluginmanager.register(ExpectedSkips(path), 'fmnist_expected_skips')

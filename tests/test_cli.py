@@ -32,7 +32,10 @@ def test_overrides_reach_the_run(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--config.num_epoch=3'], "unknown config field 'num_epoch'"),
+    (['--config.num_epoch=3'], 'unknown config field \'num_epoch\' in a --config.* override; '
+                               'Did you mean "num_epochs" instead of "num_epoch"?'),
+    (['--config.data.data_di=x'], 'unknown config field \'data_di\' in a --config.* override; '
+                                  'Did you mean "data_dir" instead of "data_di"?'),
     (['--config.batch_size=0'], 'batch_size=0 must be a positive number'),
     (['--config.num_epochs=-1'], 'num_epochs=-1 must be a positive number'),
     (['--config.learning_rate=0'], 'learning_rate=0'),

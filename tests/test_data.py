@@ -80,6 +80,84 @@ def test_corrupt_copy_is_rebuilt(tmp_path, data_dir):
   assert os.path.getsize(copy) > 50_000_000
 
 
+def _member_bytes(path, name) -> tuple[int, int]:
+  """(offset, size) of zip member `name`'s stored bytes in the file at `path`."""
+  import struct
+  import zipfile
+  with zipfile.ZipFile(path) as z:
+    info = z.getinfo(name)
+  with open(path, 'rb') as f:
+    f.seek(info.header_offset)
+    header = f.read(30)  # The local file header; its name and extra field follow.
+  name_length, extra_length = struct.unpack('<HH', header[26:30])
+  return info.header_offset + 30 + name_length + extra_length, info.file_size
+
+
+def test_same_size_bit_flip_in_the_copy_is_caught_by_its_crc(tmp_path, data_dir, arrays):
+  """One flipped bit in a training image's pixels keeps the copy's size, shapes, dtypes and label
+  range: only its zip CRC can tell. The copy is rebuilt from the tfds data, never loaded."""
+  import shutil
+  import zipfile
+  root = tmp_path / 'tfds'
+  shutil.copytree(data_dir, root)
+  (copy,) = glob.glob(str(root / 'fashion_mnist' / 'fmnist_jax-*.npz'))
+  start, size = _member_bytes(copy, 'train_image.npy')
+  offset = start + size // 2  # Far past the .npy header: a pixel of the training set.
+  with open(copy, 'r+b') as f:
+    f.seek(offset)
+    byte = f.read(1)[0]
+    f.seek(offset)
+    f.write(bytes([byte ^ 0x10]))
+  with zipfile.ZipFile(copy) as z:
+    assert z.testzip() == 'train_image.npy'  # Damaged, and only there.
+  loaded = data.load(_config(root))
+  for split in ('train', 'test'):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(loaded[split][key], arrays[split][key])
+  with zipfile.ZipFile(copy) as z:
+    assert z.testzip() is None  # Written again, whole.
+
+
+# TensorFlow's own set_visible_devices, watched (it still runs): each call, and whether tfds had
+# been imported by then. Then what reads through TensorFlow in each of its two uses.
+_WATCH_TENSORFLOW = """
+import json, sys
+import tensorflow as tf
+calls = []
+real = tf.config.set_visible_devices
+def watched(devices, device_type=None):
+  calls.append([len(list(devices)), device_type, 'tensorflow_datasets' in sys.modules])
+  return real(devices, device_type)
+tf.config.set_visible_devices = watched
+from fmnist_jax import config as config_lib, data
+from fmnist_jax.data import batches
+c = config_lib.load('configs/test.py').data
+c.data_dir, c.download = sys.argv[2], False
+if sys.argv[1] == 'prepare':
+  assert len(data.load(c)['test']['label']) == 10000  # No decoded copy: read through tfds.
+else:
+  next(batches.TfdsStream(c, 'test').chunks(100, 2, shuffle_seed=0))
+kinds = sorted({d.device_type for d in tf.config.get_visible_devices()})
+print(json.dumps({'calls': calls, 'visible': kinds}))
+"""
+
+
+@pytest.mark.parametrize('use', ['prepare', 'tfds_mode'])
+def test_tensorflow_is_shown_no_gpu_or_tpu(use, tmp_path, data_dir):
+  """Every GPU and TPU is hidden from TensorFlow before tfds is imported (so TensorFlow never
+  takes an accelerator's memory), in data preparation and in the tfds input mode."""
+  import shutil
+  root = tmp_path / 'tfds'
+  shutil.copytree(data_dir, root, ignore=shutil.ignore_patterns('fmnist_jax-*'))
+  out = subprocess.run([sys.executable, '-c', _WATCH_TENSORFLOW, use, str(root)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  seen = json.loads(out.stdout.strip().splitlines()[-1])
+  assert seen['calls'][:2] == [[0, 'GPU', False], [0, 'TPU', False]], seen
+  assert all(count == 0 for count, _, _ in seen['calls']), seen  # Nothing shown again.
+  assert seen['visible'] == ['CPU']
+
+
 def test_interrupted_preparation_leaves_nothing_trusted(tmp_path, source_dir, monkeypatch):
   """A failure in the middle of preparing leaves no dataset a later run would trust."""
   calls = {'n': 0}
@@ -97,6 +175,32 @@ def test_interrupted_preparation_leaves_nothing_trusted(tmp_path, source_dir, mo
   assert calls['n'] == 2
   assert data._load_copy(str(tmp_path)) is None
   assert not os.path.exists(tmp_path / 'fashion_mnist' / '3.0.1' / 'dataset_info.json')
+
+
+def test_data_dir_order(tmp_path, monkeypatch):
+  """--config.data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'env'))
+  assert data.data_dir(_config(tmp_path / 'field')) == str(tmp_path / 'field')
+  assert data.data_dir(_config('')) == str(tmp_path / 'env')
+  monkeypatch.delenv('TFDS_DATA_DIR')
+  assert data.data_dir(_config('')) == str(tmp_path / 'home' / 'tensorflow_datasets')
+
+
+@pytest.mark.parametrize('mode', ['device', 'stream'])
+def test_training_without_tfds_mode_never_imports_tensorflow(mode, data_dir, tmp_path):
+  """With the data prepared, only the tfds input mode imports TensorFlow (Python's own import
+  log, PYTHONPROFILEIMPORTTIME, names every module imported)."""
+  from tests.conftest import run_cli
+  result = run_cli('fmnist_jax.train', '--config', 'configs/test.py',
+                   f'--config.data.data_dir={data_dir}', f'--config.input_mode={mode}',
+                   '--config.tensorboard=True', f'--workdir={tmp_path}',
+                   env={'PYTHONPROFILEIMPORTTIME': '1'})
+  assert result.returncode == 0, result.stderr[-2000:]
+  imported = {line.rsplit('|', 1)[-1].strip() for line in result.stderr.splitlines()
+              if line.startswith('import time:')}
+  assert {'jax', 'numpy'} <= imported  # The log is there ...
+  assert not {m for m in imported if m.startswith(('tensorflow', 'tensorflow_datasets'))}
 
 
 def test_manual_dir_must_hold_the_files(tmp_path):

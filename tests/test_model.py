@@ -58,3 +58,37 @@ def test_loss_and_accuracy_by_hand():
   assert float(metrics.mean_loss(logits, labels, mask)) == pytest.approx(expected / 2, 1e-6)
   assert float(metrics.correct_sum(logits, labels, mask)) == 1.0  # Row 0 right, row 1 wrong.
   assert float(metrics.correct_sum(logits, labels, jnp.ones(3))) == 1.0  # argmax tie -> class 0.
+
+
+def test_adam_with_keras_defaults_is_optax_adam():
+  """The step applies the learning rate after optax's scale_by_adam (so vmapped models can each
+  have one): three steps give the bits of optax.adam with Keras's defaults, which the base config
+  holds."""
+  import jax
+  import optax
+  from fmnist_jax import steps
+  config = config_lib.base()
+  assert (config.optimizer, config.learning_rate, config.b1, config.b2, config.eps) == (
+      'adam', 1e-3, 0.9, 0.999, 1e-7)
+  config.hidden_sizes = (16,)
+  graphdef, state = steps.init_state(config)
+  train_step = jax.jit(steps.make_steps(config, graphdef).train_step)
+  adam = optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-7)
+
+  @jax.jit
+  def optax_step(params, opt_state, batch):
+    def loss(p):
+      return metrics.mean_loss(model.apply(graphdef, p, batch['image']), batch['label'],
+                               batch['mask'])
+    updates, opt_state = adam.update(jax.grad(loss)(params), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  rng = np.random.default_rng(0)
+  params, opt_state = state.params, adam.init(state.params)
+  for _ in range(3):
+    batch = {'image': rng.integers(0, 256, (32, 28, 28), dtype=np.uint8),
+             'label': rng.integers(0, 10, 32).astype(np.int32), 'mask': np.ones(32, np.float32)}
+    state = train_step(state, batch)
+    params, opt_state = optax_step(params, opt_state, batch)
+  for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -207,41 +207,59 @@ def _checkpoints(workdir):
   return sorted(n for n in os.listdir(folder)) if folder.exists() else []
 
 
-def test_predict_beside_a_running_training(data_dir, workdir, tmp_path):
+def _newest_checkpoint(workdir) -> int:
+  return max((int(n) for n in _checkpoints(workdir) if n.isdigit()), default=-1)
+
+
+def test_predict_beside_a_running_training(data_dir, tmp_path):
   """predict, run again and again while a training saves checkpoints into the same workdir,
-  changes nothing there: the training finishes with the same result as alone."""
+  changes nothing there. The overlap is made, not hoped for: the training is asked for 1000
+  epochs, so it runs for as long as the test needs, and predict runs until one of its runs saw a
+  checkpoint saved while it read them. Then the training is stopped (SIGTERM) and resumed to the
+  end of its epoch: it ends with the bits of a run alone, never stopped."""
+  import re
+  import signal
   import subprocess
   import sys
   import time
   from tests.conftest import ROOT, restore_state, load_test_config
   args = ['--config', 'configs/test.py', f'--config.data.data_dir={data_dir}',
-          '--config.num_epochs=2', '--config.checkpoint_every_steps=40']
+          '--config.checkpoint_every_steps=40']
   busy = tmp_path / 'busy'
   training = subprocess.Popen([sys.executable, '-m', 'fmnist_jax.train', *args,
-                               f'--workdir={busy}'], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while not (busy / 'config.json').exists() or not [
-      n for n in _checkpoints(busy) if n.isdigit()]:
-    assert training.poll() is None and time.time() < deadline, training.communicate()[1][-2000:]
-    time.sleep(0.05)
-  runs = 0
-  while training.poll() is None:
-    result = run_cli('fmnist_jax.predict', f'--workdir={busy}', '--json', '--figures=false')
-    assert result.returncode == 0 and 'Traceback' not in result.stderr, result.stderr[-2000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1])['test_accuracy'] > 0.5
-    runs += 1
-  _, err = training.communicate()
-  assert training.returncode == 0, err[-2000:]
-  assert runs >= 1
+                               '--config.num_epochs=1000', f'--workdir={busy}'], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 600  # A hang guard, not a measure of speed.
+    while not (busy / 'config.json').exists() or _newest_checkpoint(busy) < 0:
+      assert training.poll() is None and time.time() < deadline, training.communicate()[1][-2000:]
+      time.sleep(0.05)
+    overlapped = 0
+    while not overlapped:
+      before = _newest_checkpoint(busy)
+      result = run_cli('fmnist_jax.predict', f'--workdir={busy}', '--json', '--figures=false')
+      assert result.returncode == 0 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+      assert json.loads(result.stdout.strip().splitlines()[-1])['test_accuracy'] > 0.5
+      overlapped = _newest_checkpoint(busy) > before
+      assert training.poll() is None and time.time() < deadline, training.communicate()[1][-2000:]
+    training.send_signal(signal.SIGTERM)
+    _, err = training.communicate(timeout=300)
+  finally:
+    if training.poll() is None:
+      training.kill()
+      training.communicate()
+  assert training.returncode == 130, err[-2000:]
+  epochs = -(-int(re.search(r'stopped at step (\d+)', err).group(1)) // 938)
+  for workdir in (busy, tmp_path / 'alone'):  # The busy run resumed; the same run alone.
+    result = run_cli('fmnist_jax.train', *args, f'--config.num_epochs={epochs}',
+                     f'--workdir={workdir}')
+    assert result.returncode == 0, result.stderr[-2000:]
   assert not (busy / 'checkpoints_damaged').exists() and not (busy / 'figures').exists()
-  alone = tmp_path / 'alone'
-  result = run_cli('fmnist_jax.train', *args, f'--workdir={alone}')
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert _checkpoints(busy) == _checkpoints(alone)
+  assert _checkpoints(busy) == _checkpoints(tmp_path / 'alone')
   config = load_test_config()
   a, _ = restore_state(config, busy)
-  b, _ = restore_state(config, alone)
+  b, _ = restore_state(config, tmp_path / 'alone')
+  assert int(a.step) == int(b.step) == epochs * 938
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

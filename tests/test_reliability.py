@@ -1,10 +1,12 @@
-"""Preemption and resume: SIGKILL, SIGTERM, SIGINT, damaged checkpoints; failed runs harm nothing."""
+"""Preemption and resume: SIGKILL, SIGTERM, SIGINT, damaged checkpoints; failed runs harm
+nothing."""
 
 import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,8 @@ import pytest
 
 from fmnist_jax import loop
 from fmnist_jax.errors import UserError
-from tests.conftest import initial_state, load_test_config, ROOT, restore_state, run_cli
+from tests.conftest import (initial_state, load_test_config, ROOT, restore_state, run_cli,
+                            wait_for_lock_record)
 
 EVERY = 50  # Checkpoint interval of these tests: many mid-epoch checkpoints.
 TIMED = {'seconds', 'steps_per_second'}
@@ -69,19 +72,6 @@ def _start(data_dir, workdir, input_mode='device'):
                            *_args(data_dir, workdir, input_mode)],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
-
-
-def _wait_for_checkpoint(proc, workdir, at_least):
-  """Polls until a finished checkpoint of step >= at_least exists; returns its step."""
-  folder = workdir / 'checkpoints'
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    steps_done = [int(n) for n in (os.listdir(folder) if folder.exists() else []) if n.isdigit()]
-    if steps_done and max(steps_done) >= at_least:
-      return max(steps_done)
-    assert proc.poll() is None, proc.communicate()[1][-2000:]
-    time.sleep(0.005)
-  raise AssertionError('no checkpoint appeared')
 
 
 def _data_files(step_dir):
@@ -179,17 +169,24 @@ def test_unwritable_workdir_and_data_dir(data_dir, tmp_path):
 
 
 def test_one_training_per_workdir(data_dir, reference, tmp_path):
-  """A second training in a busy workdir stops at once naming the first; a killed one's lock is
-  no obstacle."""
+  """A second training in a busy workdir stops at once naming the first, and changes nothing
+  there; a killed one's lock is no obstacle. The first is frozen (SIGSTOP) once it holds the lock,
+  so it is still running when the second starts, however fast the machine."""
   first = _start(data_dir, tmp_path)
-  _wait_for_checkpoint(first, tmp_path, EVERY)
-  second = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path), timeout=120)
-  assert second.returncode == 2 and 'Traceback' not in second.stderr, second.stderr[-2000:]
-  assert f'another training (pid {first.pid} on ' in second.stderr
-  assert 'is writing to' in second.stderr
-  first.send_signal(signal.SIGKILL)  # Leaves .lock behind, unlocked.
-  first.communicate()
-  assert (tmp_path / '.lock').exists()
+  try:
+    wait_for_lock_record(first, tmp_path)
+    first.send_signal(signal.SIGSTOP)
+    before = _tree_digest(tmp_path)
+    second = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path), timeout=120)
+    assert second.returncode == 2 and 'Traceback' not in second.stderr, second.stderr[-2000:]
+    assert second.stderr.startswith(f'error: another training (pid {first.pid} on '
+                                    f'{socket.gethostname()}) is writing to {tmp_path}')
+    assert len(second.stderr.splitlines()) == 1
+    assert _tree_digest(tmp_path) == before
+  finally:
+    first.send_signal(signal.SIGKILL)  # Leaves .lock behind, unlocked, with its name in it.
+    first.communicate()
+  assert (tmp_path / '.lock').read_text() == f'pid {first.pid} on {socket.gethostname()}\n'
   result = run_cli('fmnist_jax.train', *_args(data_dir, tmp_path))
   assert result.returncode == 0, result.stderr[-2000:]
   _assert_bitwise_same_run(_config(data_dir), tmp_path, reference)
@@ -385,26 +382,84 @@ def test_disk_full_is_one_line_and_resumes(data_dir, reference, tmp_path):
   _assert_bitwise_same_run(_config(data_dir), saved, reference)
 
 
-def test_disk_full_while_preparing_data_is_one_line(data_dir, tmp_path, monkeypatch):
-  """Injected at the write of the decoded copy (the tfds data is there, the copy is not)."""
-  import errno
-  from fmnist_jax import data
-  from fmnist_jax.run import workdir as workdir_lib
-  root = tmp_path / 'tfds'
-  shutil.copytree(data_dir, root)
-  for copy in root.glob('fashion_mnist/fmnist_jax-*.npz'):
-    copy.unlink()
+def _mount(*args) -> bool:
+  return subprocess.run(['mount', *args], capture_output=True).returncode == 0
 
-  def full(*args, **kwargs):
-    raise OSError(errno.ENOSPC, 'No space left on device')
-  config = load_test_config()
-  config.data.data_dir = str(root)
-  monkeypatch.setattr(workdir_lib, 'write_atomic', full)
-  with pytest.raises(UserError, match=f'no space left on the device holding {root}'):
-    data.load(config.data)
-  assert not list(root.glob('fashion_mnist/*.tmp'))
-  monkeypatch.undo()
-  assert len(data.load(config.data)['train']['label']) == 60_000
+
+def test_read_only_filesystem_at_a_checkpoint_is_one_line_and_resumes(data_dir, reference,
+                                                                      tmp_path):
+  """checkpoints/ turns read-only under a running training (a bind mount remounted read-only while
+  the training is frozen, from just after it wrote config.json: before, or between, its
+  checkpoint saves): the next save is refused by the kernel with EROFS. One line, exit 2, nothing
+  half written; once writable again the same command ends bitwise as the uninterrupted run."""
+  workdir = tmp_path / 'run'
+  folder = workdir / 'checkpoints'
+  folder.mkdir(parents=True)
+  if not _mount('--bind', str(folder), str(folder)):
+    pytest.skip('needs root to make a read-only bind mount')
+  proc = _start(data_dir, workdir)
+  try:
+    deadline = time.time() + 300  # A hang guard, not a measure of speed.
+    while not (workdir / 'config.json').exists():
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+      time.sleep(0.01)
+    while True:  # A save in progress holds files open for writing: the remount waits it out.
+      proc.send_signal(signal.SIGSTOP)
+      if _mount('-o', 'remount,bind,ro', str(folder)):
+        break
+      proc.send_signal(signal.SIGCONT)
+      assert proc.poll() is None and time.time() < deadline, 'never remounted read-only'
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert err.startswith(f'error: read-only filesystem on the device holding {workdir}: '
+                          'free some space'), err[-3000:]
+    assert len(err.splitlines()) == 1, err[-3000:]
+    assert all(n.isdigit() for n in os.listdir(folder))  # Whole checkpoints only.
+    assert _mount('-o', 'remount,bind,rw', str(folder))
+    result = run_cli('fmnist_jax.train', *_args(data_dir, workdir))
+    assert result.returncode == 0, result.stderr[-2000:]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+    subprocess.run(['umount', str(folder)], check=False)
+  _assert_bitwise_same_run(_config(data_dir), workdir, reference)
+
+
+def _folder_bytes(folder) -> int:
+  return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder)
+             for name in names)
+
+
+def test_disk_full_while_preparing_data_is_one_line(data_dir, arrays, tmp_path):
+  """A real full disk at the write of the decoded copy: the tfds data fits on the tmpfs, the
+  copy (55 MB) does not. One line, no temporary file left, and once there is room the same call
+  writes the copy."""
+  from fmnist_jax import data
+  room = _folder_bytes(os.path.join(data_dir, data.DATASET, data.TFDS_VERSION))
+  small = tmp_path / 'small'
+  _tmpfs(small, str(room + 16 * 2**20))  # The tfds files and 16 MB: less than the copy needs.
+  try:
+    root = small / 'tfds'
+    shutil.copytree(data_dir, root, ignore=shutil.ignore_patterns('fmnist_jax-*'))
+    free = shutil.disk_usage(small).free
+    config = load_test_config()
+    config.data.data_dir = str(root)
+    with pytest.raises(UserError, match=f'^no space left on the device holding {root}:') as e:
+      data.load(config.data)
+    assert '\n' not in str(e.value)
+    assert not [n for n in os.listdir(root / data.DATASET) if n.endswith('.tmp') or 'npz' in n]
+    assert shutil.disk_usage(small).free == free  # What was written is gone again.
+    subprocess.run(['mount', '-o', 'remount,size=200m', str(small)], check=True)
+    loaded = data.load(config.data)
+    assert (root / data.DATASET / f'fmnist_jax-{data.TFDS_VERSION}.npz').exists()
+  finally:
+    subprocess.run(['umount', str(small)], check=False)
+  for split in ('train', 'test'):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(loaded[split][key], arrays[split][key])
 
 
 def test_fewer_epochs_than_a_finished_run_is_one_line(data_dir, reference, tmp_path):
@@ -415,3 +470,83 @@ def test_fewer_epochs_than_a_finished_run_is_one_line(data_dir, reference, tmp_p
   assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
   assert 'holds a run of 1876 steps, more than the 938 of num_epochs=1' in result.stderr
   assert _tree_digest(workdir) == before
+
+
+# A full disk, a quota or a read-only filesystem at the small files' writes -----------------------
+
+STORAGE = {'ENOSPC': 'no space left on', 'EDQUOT': 'disk quota exceeded on',
+           'EROFS': 'read-only filesystem on'}
+# The file each write flushes: the atomic writes' temporary files, the appended metrics.jsonl.
+WRITES = {'metrics': r'\.metrics\.jsonl\..+\.tmp', 'summary': r'\.summary\.json\..+\.tmp',
+          'metrics_append': r'metrics\.jsonl', 'figures': r'\..+\.png\..+\.tmp'}
+
+
+def _failing(code, write, *args):
+  """`python -m <args>` with `code` raised by the flush of WRITES[write] (tests/fail_writes.py)."""
+  return run_cli('tests.fail_writes', code, WRITES[write], *args)
+
+
+def _only_line(result, message, folder):
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.startswith(f'error: {message} the device holding {folder}: free some '
+                                  'space'), result.stderr[-3000:]
+  assert len(result.stderr.splitlines()) == 1, result.stderr[-3000:]
+
+
+def _temporary_files(folder):
+  return [p for p in folder.rglob('*') if p.name.endswith('.tmp')]
+
+
+@pytest.mark.parametrize('code', STORAGE)
+@pytest.mark.parametrize('write', ['metrics', 'summary'])
+def test_storage_error_at_a_small_file_is_one_line(write, code, data_dir, reference, tmp_path):
+  """A finished run whose summary.json is missing rewrites metrics.jsonl, then summary.json: the
+  error at either is one line, and what was there stays as it was."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  (workdir / 'summary.json').unlink()
+  metrics = (workdir / 'metrics.jsonl').read_bytes()
+  _only_line(_failing(code, write, 'fmnist_jax.train', *_args(data_dir, workdir)), STORAGE[code],
+             workdir)
+  assert not _temporary_files(workdir)
+  assert (workdir / 'metrics.jsonl').read_bytes() == metrics
+  assert not (workdir / 'summary.json').exists()
+
+
+@pytest.mark.parametrize('code', STORAGE)
+def test_storage_error_at_an_epochs_metrics_line_is_one_line_and_resumes(code, data_dir,
+                                                                         reference, tmp_path):
+  """The epoch's line is appended after its checkpoint: the run stops in one line, and the next
+  run writes metrics.jsonl again from the checkpoint, each epoch once."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  args = (*_args(data_dir, workdir), '--config.num_epochs=3')
+  _only_line(_failing(code, 'metrics_append', 'fmnist_jax.train', *args), STORAGE[code], workdir)
+  assert not _temporary_files(workdir)
+  assert json.loads((workdir / 'summary.json').read_text())['steps'] == 2 * 938  # The old run's.
+  result = run_cli('fmnist_jax.train', *args)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert [e['epoch'] for e in _untimed(workdir)] == [1, 2, 3]
+  summary = json.loads((workdir / 'summary.json').read_text())  # Not the shorter run's.
+  assert summary['steps'] == 3 * 938 and summary['steps_run'] == 0  # Not retrained.
+  assert summary['test_accuracy'] == _untimed(workdir)[-1]['test_accuracy']
+
+
+@pytest.mark.parametrize('code', STORAGE)
+def test_storage_error_at_a_figure_is_one_line(code, reference, tmp_path):
+  figures = tmp_path / 'figures'
+  _only_line(_failing(code, 'figures', 'fmnist_jax.predict', f'--workdir={reference}',
+                      f'--figures_dir={figures}'), STORAGE[code], figures)
+  assert not list(figures.iterdir())
+
+
+def test_full_disk_at_a_figure_is_one_line(reference, tmp_path):
+  """A real full disk: a tmpfs of one page, where no figure fits."""
+  figures = tmp_path / 'figures'
+  _tmpfs(figures, '4k')
+  try:
+    result = run_cli('fmnist_jax.predict', f'--workdir={reference}', f'--figures_dir={figures}')
+    _only_line(result, STORAGE['ENOSPC'], figures)
+    assert not os.listdir(figures)
+  finally:
+    subprocess.run(['umount', str(figures)], check=False)

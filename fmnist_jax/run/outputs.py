@@ -123,6 +123,8 @@ class Outputs:
     except workdir_lib.WorkdirError as e:
       self.note(f'warning: {e}')
       return None
+    if summary['steps'] != step:  # A shorter run's, left by a run extended since: rewritten.
+      return None
     self.say(f'{self.workdir} holds a finished run of {summary["steps"]} steps on '
              f'{devices_text(summary)}; not retraining (use --fresh or another --workdir to '
              'train again).')

@@ -1,10 +1,10 @@
 """Ctrl-C (SIGINT) and SIGTERM, honoured from a command's first instruction to its exit.
 
-`install()` runs first in every command, `arm()` once its error handling is in place. Until training
-starts a signal stops the command at once (when control returns from native code: a compile, a
-read), with one line and exit 130, since nothing is yet to be saved. While the training loop runs (`deferred()`), a signal only sets a flag;
-the processes agree at the next stop (plan.py) to end there, after saving a checkpoint. A second
-signal acts at once, as usual.
+`install()` runs first in every command, `arm()` once its error handling is in place. Until
+training starts a signal stops the command at once (when control returns from native code: a
+compile, a read), with one line and exit 130, since nothing is yet to be saved. While the training
+loop runs (`deferred()`), a signal only sets a flag; the processes agree at the next check point
+(plan.py) to end there, after saving a checkpoint. A second signal acts at once, as usual.
 """
 
 import contextlib
