@@ -115,7 +115,8 @@ def markdown(kind: str, report: dict) -> str:
       f'{"XLA:TPU" if kind == "tpu" else "XLA:GPU"} ({report["compiler"]}). The command: '
       f'`{report["command"]}`.',
       "- What: one train step as the trainer builds it (`train_step`, fmnist_jax/programs.py's "
-      '`one_step`; the chunk\'s own cost also holds what each call pays once) of configs/base.py (784-128-10 MLP, Adam, float32), for one chip. Its time is ' + long + '.',
+      '`one_step`; the chunk\'s own cost also holds what each call pays once) of configs/base.py '
+      '(784-128-10 MLP, Adam, float32), for one chip. Its time is ' + long + '.',
       '- These leave out the loop, launch and host overheads (the trainer runs a whole epoch in '
       'one compiled loop, whose per-step overhead no cost model counts): they bound what a chip '
       'could do, they are not what it does. Nothing here ran on a TPU or GPU.',
