@@ -50,9 +50,9 @@ for r in records:
   groups.setdefault((r['topology'], r['devices']), {})[r['program']] = r
 assert {t for t, _ in groups} == set(targets), (groups.keys(), targets)
 for (target, devices), progs in groups.items():
-  assert {'train_chunk', 'shuffle', 'evaluate', 'predict'} <= set(progs), progs
-  step = progs['train_chunk']  # Cost analysis counts its loop body, one step, once.
-  assert step['steps'] == 1, step
+  assert {'train_chunk', 'train_step', 'shuffle', 'evaluate', 'predict'} <= set(progs), progs
+  step = progs['train_step']
+  assert step['steps'] == progs['train_chunk']['steps'] == 1, step  # A loop body counts once.
   if devices == 1:  # ~4 x 101,770 parameters x 32 examples, and Adam's update.
     assert 1.2e7 < step['flops'] < 1.7e7, step
   print(f'compile_check: {stack}: {target} x {devices}: {len(progs)} programs compiled; train step '

@@ -24,9 +24,9 @@ GPU_FIX = "pip install -e '.[cuda12]'"
 
 
 def steps_covered(name: str) -> int:
-  """How many train steps a program's cost-analysis numbers cover: XLA counts a loop's body once,
-  and the chunk's body (steps.train_chunk) is one step."""
-  return 1 if name in ('train_chunk', 'stream_chunk') else 0
+  """How many train steps a program's cost-analysis numbers cover: one step alone, or a chunk, whose
+  loop body (one step) XLA counts once."""
+  return 1 if name in ('train_step', 'train_chunk', 'stream_chunk') else 0
 
 
 def _first_line(error: Exception) -> str:
