@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmnist_jax.errors import UserError
+from fmnist_jax.run import signals
 
 DATA_AXIS = 'data'
 
@@ -37,6 +38,7 @@ def initialize(dist_config) -> None:
       kwargs['process_id'] = dist_config.process_id
     if kwargs or any(os.environ.get(name) for name in _MULTI_PROCESS_ENV):
       jax.distributed.initialize(**kwargs)
+      signals.take_back()  # Its preemption notifier takes SIGTERM; the processes agree on ours.
   start_backends()
 
 

@@ -67,12 +67,14 @@ def test_adam_with_keras_defaults_is_optax_adam():
   import jax
   import optax
   from fmnist_jax import steps
+  from fmnist_jax.plan import ModelSpec, OptimizerSpec
   config = config_lib.base()
   assert (config.optimizer, config.learning_rate, config.b1, config.b2, config.eps) == (
       'adam', 1e-3, 0.9, 0.999, 1e-7)
   config.hidden_sizes = (16,)
-  graphdef, state = steps.init_state(config)
-  train_step = jax.jit(steps.make_steps(config, graphdef).train_step)
+  model, optimizer = ModelSpec.from_config(config), OptimizerSpec.from_config(config)
+  graphdef, state = steps.init_state(model, optimizer, config.seed)
+  train_step = jax.jit(steps.make_steps(model, optimizer, graphdef).train_step)
   adam = optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-7)
 
   @jax.jit

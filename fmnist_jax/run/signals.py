@@ -46,6 +46,14 @@ def install() -> None:
   _state['installed'] = True
 
 
+def take_back() -> None:
+  """Puts the handlers back after a library installed its own at the C level (jax.distributed's
+  preemption notifier takes SIGTERM), which Python's signal module neither sees nor undoes."""
+  if _state['installed']:
+    for s in _SIGNALS:
+      signal.signal(s, _handle)
+
+
 def arm() -> None:
   """From here (the command's error handling is in place) a signal outside the training loop
   stops the command at once; before, it is acted on by the first check()."""
