@@ -72,9 +72,9 @@ def test_adam_with_keras_defaults_is_optax_adam():
   assert (config.optimizer, config.learning_rate, config.b1, config.b2, config.eps) == (
       'adam', 1e-3, 0.9, 0.999, 1e-7)
   config.hidden_sizes = (16,)
-  model, optimizer = ModelSpec.from_config(config), OptimizerSpec.from_config(config)
-  graphdef, state = steps.init_state(model, optimizer, config.seed)
-  train_step = jax.jit(steps.make_steps(model, optimizer, graphdef).train_step)
+  spec, optimizer = ModelSpec.from_config(config), OptimizerSpec.from_config(config)
+  graphdef, state = steps.init_state(spec, optimizer, config.seed)
+  train_step = jax.jit(steps.make_steps(spec, optimizer, graphdef).train_step)
   adam = optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-7)
 
   @jax.jit
