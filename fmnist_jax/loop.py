@@ -248,7 +248,7 @@ def at_check(run: Run, state, history: list[dict], epoch: int, epoch_started: fl
   step = int(state.step)  # Waits for the chunk to finish.
   check_finite(run, state)
   at_epoch_end = step % run.plan.steps_per_epoch == 0
-  stop = signals.agreed()
+  stop = distributed.any_process(signals.received() is not None)  # All processes stop together.
   if not at_epoch_end and (stop or run.plan.checkpoint_due(step)):
     run.save(state, history)
   if stop and not at_epoch_end:

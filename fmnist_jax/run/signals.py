@@ -97,12 +97,6 @@ def deferred():
       _state.update(installed=False, received=None)
 
 
-def agreed() -> bool:
-  """Whether any process received a signal: the same answer on all of them (a collective)."""
-  from fmnist_jax import distributed  # pylint: disable=g-import-not-at-top  (JAX)
-  return distributed.any_process(received() is not None)
-
-
 def error(step: int, steps_per_epoch: int, checkpoints: str) -> Interrupted:
   """The error that ends a run stopped by a signal, after its checkpoint at `step`."""
   return Interrupted(f'{received() or "a stop signal on another process"} received: stopped at '
