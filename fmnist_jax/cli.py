@@ -11,8 +11,9 @@ import logging as pylogging
 import os
 import re
 import select
+import signal
 import sys
-import threading
+import time
 from typing import Callable, Sequence
 
 from absl import app
@@ -88,69 +89,87 @@ class _QuietLogs(pylogging.Filter):
                 and record.levelno < pylogging.ERROR)
 
 
-class _LineFilter:
-  """Passes what is written to file descriptor `fd` on to where it went before, less the lines
-  matching NOISE. A thread copies; an unfinished line is held at most `hold` seconds (a progress
-  bar rewritten with '\\r' still moves)."""
-
-  def __init__(self, fd: int, hold: float = 0.05):
-    self._fd, self._hold = fd, hold
-    self._target = os.dup(fd)
-    self._source, write_end = os.pipe()
-    os.dup2(write_end, fd)
-    os.close(write_end)
-    self._thread = threading.Thread(target=self._copy, daemon=True)
-    self._thread.start()
-
-  def _copy(self) -> None:
-    pending = b''
-    while True:
-      ready, _, _ = select.select([self._source], [], [], self._hold)
-      if not ready:
-        if not NOISE.search(pending):
-          self._write(pending)  # A line left unfinished (a progress bar): pass on what there is.
-        pending = b''
+def _copy(sources: dict[int, int], hold: float = 0.05) -> None:
+  """Copies each source pipe to its target file descriptor, less the lines matching NOISE, until
+  every pipe is closed. An unfinished line is passed on after `hold` seconds (a progress bar
+  rewritten with '\\r' still moves)."""
+  pending = dict.fromkeys(sources, b'')
+  while sources:
+    ready, _, _ = select.select(list(sources), [], [], hold)
+    for source in ready or list(sources):
+      if not ready:  # Quiet for a while: what is there is a line left unfinished.
+        data, pending[source] = pending[source], b''
+        _write(sources[source], b'' if NOISE.search(data) else data)
         continue
-      data = os.read(self._source, 65536)
-      if not data:  # Closed: the process is exiting.
-        self._write(pending)
-        return
-      *lines, pending = (pending + data).split(b'\n')
-      self._write(b''.join(line + b'\n' for line in lines if not NOISE.search(line)))
+      data = os.read(source, 65536)
+      if not data:  # Every writer is gone: the command has ended.
+        _write(sources.pop(source), b'' if NOISE.search(pending[source]) else pending[source])
+        continue
+      *lines, pending[source] = (pending[source] + data).split(b'\n')
+      _write(sources[source], b''.join(l + b'\n' for l in lines if not NOISE.search(l)))
 
-  def _write(self, data: bytes) -> None:
+
+def _write(fd: int, data: bytes) -> None:
+  try:
     while data:
-      data = data[os.write(self._target, data):]
-
-  def close(self) -> None:
-    """Gives `fd` back its destination once what was written before has been passed on."""
-    os.dup2(self._target, self._fd)  # Closes the pipe's last write end: the copier sees its end.
-    self._thread.join(timeout=5)
+      data = data[os.write(fd, data):]
+  except OSError:
+    pass  # The reader is gone (`| head`): the rest is dropped, and the command never waits.
 
 
-_filters: list[_LineFilter] = []
-_terminal = {}  # fd -> whether it was a terminal before a filter took it.
+_copier = []  # The copier's pid.
+_terminal = {}  # fd -> whether it was a terminal before the copier took it.
 
 
 def quiet_frameworks() -> None:
-  """Keeps the frameworks' own messages off the terminal for the rest of the process."""
-  if _filters:
+  """Keeps the frameworks' own messages off the terminal for the rest of the process. Standard
+  output and error go through a copier, a process of its own, so that what a crash writes last
+  (a fatal line, a fault's stack) still gets out."""
+  if _copier:
     return
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file operation at INFO.
   logging.get_absl_handler().addFilter(_QuietLogs())
   for stream in (sys.stdout, sys.stderr):
     stream.flush()
-  for fd in (1, 2):
+  targets = {fd: os.dup(fd) for fd in (1, 2)}
+  pipes = {fd: os.pipe() for fd in (1, 2)}
+  pid = os.fork()
+  if pid == 0:  # The copier: a Ctrl-C reaches it too, yet it reads until the command is gone.
+    for s in (signal.SIGINT, signal.SIGTERM):
+      signal.signal(s, signal.SIG_IGN)
+    try:
+      for _, write_end in pipes.values():
+        os.close(write_end)
+      _copy({read_end: targets[fd] for fd, (read_end, _) in pipes.items()})
+    finally:
+      os._exit(0)  # pylint: disable=protected-access
+  for fd, (read_end, write_end) in pipes.items():
     _terminal[fd] = os.isatty(fd)
-    _filters.append(_LineFilter(fd))
+    os.dup2(write_end, fd)
+    os.close(write_end)
+    os.close(read_end)
+  for target in targets.values():
+    os.close(target)
+  _copier.append(pid)
   atexit.register(_close_filters)
 
 
 def _close_filters() -> None:
+  """Lets the copier pass on the last lines before the command exits (waiting at most a few
+  seconds: a child process of the command may still hold the pipes)."""
+  if not _copier:
+    return
   for stream in (sys.stdout, sys.stderr):
     stream.flush()
-  while _filters:
-    _filters.pop().close()
+  null = os.open(os.devnull, os.O_WRONLY)
+  for fd in (1, 2):
+    os.dup2(null, fd)  # Closes the pipes' write ends: the copier sees their end.
+  os.close(null)
+  pid = _copier.pop()
+  for _ in range(100):
+    if os.waitpid(pid, os.WNOHANG)[0]:
+      return
+    time.sleep(0.05)
 
 
 def stdout_is_terminal() -> bool:
@@ -168,6 +187,7 @@ def run(main: Callable[[list[str]], None], config_flags_to_load: Sequence[str] =
       app.run(main, argv=sys.argv,
               flags_parser=lambda argv: parse_flags(argv, config_flags_to_load))
   except SystemExit as e:
+    signals.settle()  # Ending: a signal now must not turn the exit into a traceback.
     exit_promptly(0 if e.code is None else e.code if isinstance(e.code, int) else 1)
     raise
 

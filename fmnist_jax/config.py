@@ -88,6 +88,10 @@ def flat(config) -> dict[str, Any]:
   return out
 
 
+# Fields of earlier versions, none of which shaped the numbers: a saved run may hold them.
+RETIRED = ('loop_unroll',)
+
+
 def role(name: str) -> str:
   if name not in ROLES:
     raise KeyError(f'config field {name!r} has no role in fmnist_jax/config.py')

@@ -38,7 +38,7 @@ def initialize(dist_config) -> None:
       kwargs['process_id'] = dist_config.process_id
     if kwargs or any(os.environ.get(name) for name in _MULTI_PROCESS_ENV):
       jax.distributed.initialize(**kwargs)
-      signals.take_back()  # Its preemption notifier takes SIGTERM; the processes agree on ours.
+      signals.collective()  # A signal to one process stops all of them, together.
   start_backends()
 
 

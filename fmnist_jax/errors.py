@@ -17,18 +17,19 @@ class DivergenceError(UserError):
   exit_code = 3
 
 
-class Interrupted(UserError):
-  """SIGTERM or SIGINT arrived; a checkpoint was saved and the run can be resumed."""
+class Interrupted(BaseException):
+  """SIGTERM or SIGINT arrived (run/signals.py). A BaseException, as KeyboardInterrupt is, so that
+  no library's `except Exception` takes it for a failure of its own."""
 
   exit_code = 130
 
 
 @contextlib.contextmanager
 def exit_on_user_error():
-  """Turns a UserError raised inside the block into a one-line message and SystemExit."""
+  """Turns a UserError (or Interrupted) raised inside the block into one line and SystemExit."""
   try:
     yield
-  except UserError as e:
+  except (UserError, Interrupted) as e:
     message = ' '.join(str(e).split())  # One line, whatever the message's layout.
     print(f'error: {message}', file=sys.stderr, flush=True)
     raise SystemExit(e.exit_code) from None

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmnist_jax import CLASS_NAMES, NUM_CLASSES, NUM_TEST, NUM_TRAIN
+from fmnist_jax import distributed
 from fmnist_jax import model as model_lib
 from fmnist_jax import steps as steps_lib
-from fmnist_jax.data import batches
 from fmnist_jax.errors import UserError
 from fmnist_jax.plan import ModelSpec, OptimizerSpec, RunPlan
 from fmnist_jax.run import checkpoint
@@ -27,13 +27,17 @@ from fmnist_jax.run import workdir as workdir_lib
 @dataclasses.dataclass(frozen=True)
 class Trained:
   """A trained run as read from its workdir: its config, model and parameters, and the step of the
-  checkpoint they come from (`finished`: the run's last step)."""
+  checkpoint they come from, of the run's `total_steps`."""
   config: Any
   model: ModelSpec
   graphdef: Any
   params: Any
   step: int
-  finished: bool
+  total_steps: int
+
+  @property
+  def finished(self) -> bool:
+    return self.step >= self.total_steps
 
   def probs(self, images: np.ndarray) -> np.ndarray:
     """Class probabilities [N, 10] for uint8 images [N, 28, 28]."""
@@ -62,16 +66,15 @@ def load_trained(workdir: str) -> Trained:
     ckpt.close()
   if restored is None:
     raise UserError(f'{workdir} has no checkpoint yet; {outputs.how_to_train(workdir)}.')
-  step = int(restored[0].step)
   total = RunPlan.create(config, NUM_TRAIN, NUM_TEST, 1).total_steps
-  return Trained(config, model, graphdef, restored[0].params, step, step >= total)
+  return Trained(config, model, graphdef, restored[0].params, int(restored[0].step), total)
 
 
 def describe(trained: Trained, workdir: str) -> str:
   """'the checkpoint at step 938 of workdirs/base (finished)' or '... (unfinished: 1,000 of
   9,375 steps)': which parameters a prediction uses."""
-  total = RunPlan.create(trained.config, NUM_TRAIN, NUM_TEST, 1).total_steps
-  state = 'finished' if trained.finished else f'unfinished: {trained.step:,} of {total:,} steps'
+  state = ('finished' if trained.finished else
+           f'unfinished: {trained.step:,} of {trained.total_steps:,} steps')
   return f'the checkpoint at step {trained.step} of {workdir} ({state})'
 
 
@@ -81,13 +84,9 @@ def predict_probs(model: ModelSpec, graphdef, params, images: np.ndarray,
   if images.dtype != np.uint8:  # Scaled to [0, 1] already, they would be scaled twice.
     raise UserError(f'images are {images.dtype}; give them as uint8 [N, 28, 28], as Fashion-MNIST '
                     'stores them: the model scales them to [0, 1] itself.')
-  probs_fn = jax.jit(make_probs_fn(model, graphdef))
-  n = len(images)
-  batch_size = min(batch_size, max(n, 1))
-  padded = batches.pad_batch({'image': images}, -(-n // batch_size) * batch_size)['image']
-  out = [np.asarray(probs_fn(params, padded[i:i + batch_size]))
-         for i in range(0, len(padded), batch_size)]
-  return np.concatenate(out)[:n]
+  return distributed.in_batches(jax.jit(make_probs_fn(model, graphdef)), params, images,
+                                distributed.make_mesh(jax.local_devices()[:1]),
+                                min(batch_size, max(len(images), 1)))
 
 
 def make_probs_fn(model: ModelSpec, graphdef):

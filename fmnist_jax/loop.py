@@ -113,7 +113,8 @@ def _run(config, workdir: str) -> dict:
       if not config.tensorboard and model.num_models == 1:
         del progs['predict']  # Only the TensorBoard figure and the ensemble use it.
       compiled = programs_lib.compile_all(progs, config_lib.device_memory_bytes())
-      signals.check()
+      if distributed.any_process(signals.received() is not None):  # Nothing is written yet.
+        raise signals.stopped()
       out.start(history)
       return _train(Run(config, model, plan, mesh, compiled, ckpt, out), state, history, arrays,
                     {'started': started, 'data_seconds': data_seconds})

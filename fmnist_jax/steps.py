@@ -102,7 +102,6 @@ class Steps:
   train_step: Callable[[TrainState, Batch], TrainState]
   train_chunk: Callable[..., TrainState]
   evaluate: Callable[..., tuple[jax.Array, jax.Array]]
-  logits: Callable[[Any, jax.Array], jax.Array]
 
 
 def make_steps(model: ModelSpec, optimizer: OptimizerSpec, graphdef) -> Steps:
@@ -114,7 +113,7 @@ def make_steps(model: ModelSpec, optimizer: OptimizerSpec, graphdef) -> Steps:
 
   train_step = _train_step_fn(model.num_models, optimizer, logits_fn)
   return Steps(train_step=train_step, train_chunk=_train_chunk_fn(train_step),
-               evaluate=_evaluate_fn(model.num_models, logits_fn), logits=logits_fn)
+               evaluate=_evaluate_fn(model.num_models, logits_fn))
 
 
 def _train_step_fn(num_models: int, optimizer: OptimizerSpec,

@@ -298,3 +298,33 @@ def test_frameworks_are_quiet_unless_verbose():
                'warning: no TPU could be used'):
     assert line in loud.stderr
   assert 'Downloading and preparing dataset' in loud.stdout
+
+
+def test_a_crash_still_says_its_last_words_and_a_closed_reader_holds_nothing_up():
+  """The copier is a process of its own: a command that aborts right after a fatal line still
+  shows it; a reader that stops early (`| head`) neither blocks the command nor prints a
+  traceback."""
+  crash = """
+import os, sys
+from fmnist_jax import cli
+def main(argv):
+  os.write(2, b'W1206 05:12:33.123456 1234 noise.cc:1] dropped\\n')
+  os.write(2, b'F1206 05:12:33.123456 1234 check.cc:9] Check failed: the last words\\n')
+  os.abort()
+cli.run(main)
+"""
+  result = subprocess.run([sys.executable, '-c', crash], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+  assert result.returncode == -signal.SIGABRT
+  assert 'Check failed: the last words' in result.stderr and 'dropped' not in result.stderr
+  chatty = """
+import sys
+from fmnist_jax import cli
+def main(argv):
+  for i in range(100_000):
+    print(f'line {i}')
+cli.run(main)
+"""
+  head = subprocess.run(f'{sys.executable} -c "$CODE" | head -n 2', shell=True, cwd=ROOT,
+                        capture_output=True, text=True, timeout=60, env=dict(os.environ, CODE=chatty))
+  assert head.stdout == 'line 0\nline 1\n' and 'Traceback' not in head.stderr, head.stderr

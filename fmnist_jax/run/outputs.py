@@ -41,6 +41,12 @@ def read_config(workdir: str):
   path = workdir_lib.path(workdir, workdir_lib.CONFIG)
   fix = f'delete it and {how_to_train(workdir)} (the checkpoints are kept and resumed)'
   saved = workdir_lib.read_json(path, fix)
+  for name in config_lib.RETIRED:
+    saved.pop(name, None)
+  unknown = [name for name in config_lib.flat(saved) if name not in config_lib.ROLES]
+  if unknown:
+    raise workdir_lib.WorkdirError(f'{path} holds fields this version does not know '
+                                   f'({", ".join(unknown)}); {fix}.')
   try:
     config = ml_collections.ConfigDict(saved)
     config_lib.validate_config(config)

@@ -1,10 +1,11 @@
 """Ctrl-C (SIGINT) and SIGTERM, honoured from a command's first instruction to its exit.
 
-`install()` runs first in every command, `arm()` once its error handling is in place. Until
-training starts a signal stops the command at once (when control returns from native code: a
-compile, a read), with one line and exit 130, since nothing is yet to be saved. While the training
-loop runs (`deferred()`), a signal only sets a flag; the processes agree at the next check point
-(plan.py) to end there, after saving a checkpoint. A second signal acts at once, as usual.
+`install()` runs first in every command, `arm()` once its error handling is in place. Before the
+run's checkpoints are opened a signal stops the command at once (as soon as native code returns),
+with one line and exit 130: nothing is saved yet. From there (`deferred()`) it only sets a flag,
+acted on before training (nothing written) or at the training's next check point (a checkpoint
+saved); processes of a multi-process run (`collective()`) always decide together. A second signal
+acts at once, as usual.
 """
 
 import contextlib
@@ -15,7 +16,8 @@ import threading
 from fmnist_jax.errors import Interrupted
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_state = {'received': None, 'deferred': False, 'installed': False, 'armed': False, 'before': {}}
+_state = {'received': None, 'deferred': False, 'installed': False, 'armed': False,
+          'collective': False, 'before': {}}
 
 
 def _handle(signum, frame):  # pylint: disable=unused-argument
@@ -25,7 +27,7 @@ def _handle(signum, frame):  # pylint: disable=unused-argument
     signal.raise_signal(signum)
     return
   _state['received'] = signal.Signals(signum).name
-  if _state['armed'] and not _state['deferred']:
+  if _state['armed'] and not (_state['deferred'] or _state['collective']):
     raise stopped()
 
 
@@ -46,12 +48,20 @@ def install() -> None:
   _state['installed'] = True
 
 
-def take_back() -> None:
-  """Puts the handlers back after a library installed its own at the C level (jax.distributed's
-  preemption notifier takes SIGTERM), which Python's signal module neither sees nor undoes."""
+def collective() -> None:
+  """For a multi-process run, after jax.distributed.initialize: a signal only sets the flag, and
+  the processes decide together (distributed.any_process), never one alone. The handlers are put
+  back: jax.distributed's preemption notifier takes SIGTERM at the C level, which Python's signal
+  module neither sees nor undoes."""
+  _state['collective'] = True
   if _state['installed']:
     for s in _SIGNALS:
       signal.signal(s, _handle)
+
+
+def settle() -> None:
+  """The command is ending (its work done or its error told): a signal only sets the flag."""
+  _state['deferred'] = True
 
 
 def arm() -> None:
@@ -68,20 +78,21 @@ def received() -> str | None:
 
 def stopped() -> Interrupted:
   """The error of a command stopped before it saved anything."""
-  return Interrupted(f'{received()} received: stopped before anything was saved; run the same '
-                     'command again to start over.')
+  return Interrupted(f'{received() or "a stop signal on another process"} received: stopped '
+                     'before anything was saved; run the same command again to start over.')
 
 
 def check() -> None:
-  """Raises the stop if a signal came (a safe point outside the training loop)."""
-  if received():
+  """Raises the stop if a signal came, at a safe point before training (one process alone; the
+  processes of a multi-process run decide together, in the loop)."""
+  if received() and not _state['collective']:
     raise stopped()
 
 
 @contextlib.contextmanager
 def deferred():
-  """Signals only set the flag inside (the training loop, which acts on them at its stops);
-  installs the handlers if the command did not (a notebook or a test calling the loop)."""
+  """From here on a signal only sets the flag (a command stays so to its end); installs the
+  handlers for the block if the command did not (a notebook or a test calling the loop)."""
   owner = not _state['installed']
   if owner:
     install()
@@ -90,11 +101,10 @@ def deferred():
   try:
     yield
   finally:
-    _state['deferred'] = False
     if owner and _state['installed']:  # Leave the caller's process as it was.
       for s, handler in _state['before'].items():
         signal.signal(s, handler)
-      _state.update(installed=False, received=None)
+      _state.update(installed=False, received=None, deferred=False)
 
 
 def error(step: int, steps_per_epoch: int, checkpoints: str) -> Interrupted:
