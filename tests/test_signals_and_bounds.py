@@ -264,3 +264,22 @@ def test_an_unfinished_run_is_named_by_predict_and_export(data_dir, tmp_path):
   damaged = run_cli('fmnist_jax.predict', f'--workdir={workdir}', '--nofigures')
   _one_line(damaged, 'train with --fresh to start over')
   assert summary['steps'] == 1876
+
+
+def test_a_run_of_an_earlier_version_is_read_and_an_unknown_field_refused(trained_workdir,
+                                                                          tmp_path):
+  """config.json of a run made before loop_unroll was retired still serves predict and export;
+  a field no version knows is one line naming it."""
+  import shutil
+  workdir = tmp_path / 'old'
+  shutil.copytree(trained_workdir, workdir)
+  saved = json.loads((workdir / 'config.json').read_text())
+  (workdir / 'config.json').write_text(json.dumps({**saved, 'loop_unroll': 4}))
+  for args in (('fmnist_jax.predict', f'--workdir={workdir}', '--nofigures', '--json'),
+               ('fmnist_jax.export', '--config', 'configs/test.py', '--platforms=cpu',
+                f'--workdir={workdir}', f'--out={tmp_path / "e"}')):
+    result = run_cli(*args)
+    assert result.returncode == 0 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  (workdir / 'config.json').write_text(json.dumps({**saved, 'warp_factor': 9}))
+  _one_line(run_cli('fmnist_jax.predict', f'--workdir={workdir}', '--nofigures'),
+            'config.json holds fields this version does not know (warp_factor)')
