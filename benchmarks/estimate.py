@@ -7,8 +7,8 @@ this machine's measured CPU speed.
 For batch 32, 512 and 8192 (one model) and for 1, 8 and 64 vmapped models at batch 32 it compiles
 one train step as the trainer builds it ('train_step', fmnist_jax.programs.one_step) for one chip
 and turns its time into steps/s and examples/s: on TPUs XLA:TPU's cost-model estimate, on GPUs a
-roofline bound (fmnist_jax.hardware.targets). Both leave out loop, launch and host overheads, so they are upper
-bounds on speed, not measurements. Writes benchmarks/reports/tpu-estimate.md and .json (or
+roofline bound (fmnist_jax.hardware.targets). Both leave out loop, launch and host overheads, so
+they are upper bounds on speed, not measurements. Writes benchmarks/reports/tpu-estimate.md and .json (or
 gpu-estimate.*); the CPU column is read from the measured benchmarks/reports/cpu-2core.json.
 """
 

@@ -255,7 +255,7 @@ def main(argv):
                 b'STDERR\\n')
     return real()
   jax.default_backend = noisy
-  distributed._ACCELERATOR_PACKAGES = (('json', 'TPU'),)  # An installed module stands in for libtpu.
+  distributed._ACCELERATOR_PACKAGES = (('json', 'TPU'),)  # An installed module stands in: libtpu.
   config = types.SimpleNamespace(coordinator_address='', num_processes=0, process_id=-1)
   distributed.initialize(config)
   distributed.initialize(config)  # train.py and the trainer both call it: one line all the same.
@@ -326,5 +326,6 @@ def main(argv):
 cli.run(main)
 """
   head = subprocess.run(f'{sys.executable} -c "$CODE" | head -n 2', shell=True, cwd=ROOT,
-                        capture_output=True, text=True, timeout=60, env=dict(os.environ, CODE=chatty))
+                        capture_output=True, text=True, timeout=60,
+                        env=dict(os.environ, CODE=chatty))
   assert head.stdout == 'line 0\nline 1\n' and 'Traceback' not in head.stderr, head.stderr

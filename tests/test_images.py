@@ -98,7 +98,7 @@ def test_conversion_steps_end_in_the_result(arrays):
   assert out.dtype == np.uint8 and out.shape == (28, 28)
   assert out[0].max() < 30 or out[:, 0].max() < 30  # Black background...
   rows, cols = np.flatnonzero(out.max(1) > 30), np.flatnonzero(out.max(0) > 30)
-  assert max(rows[-1] - rows[0], cols[-1] - cols[0]) >= 25  # ...with the article trimmed to fill it.
+  assert max(rows[-1] - rows[0], cols[-1] - cols[0]) >= 25  # ...the article trimmed to fill it.
 
 
 def _on_light_background(image, angle=0.0, shadow=0.0, size=140):

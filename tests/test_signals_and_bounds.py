@@ -77,8 +77,8 @@ def test_a_signal_at_start_up_stops_the_training_in_one_line(sig, data_dir, tmp_
 
 def test_a_signal_while_compiling_stops_before_anything_is_written(data_dir, tmp_path):
   """An empty compile cache of the test's own: once the train chunk, the first of the programs
-  compiled together, lands in it, the others are still compiling when the signal comes. The compile returns, the command stops: no
-  segmentation fault, nothing of the run written."""
+  compiled together, lands in it, the others are still compiling when the signal comes. The
+  compile returns, the command stops: no segmentation fault, nothing of the run written."""
   workdir, cache = tmp_path / 'w', tmp_path / 'cache'
   proc = _start(*_train_args(data_dir, workdir, f'--config.compile_cache_dir={cache}',
                              '--config.num_epochs=50'))

@@ -28,7 +28,8 @@ STEPS = {
         '모델 구성', '모델 컴파일: 손실 함수, 옵티마이저, 지표', '모델 훈련', '정확도 평가',
         '예측 만들기', '예측 확인', '훈련된 모델 사용하기'),
 }
-WORKDIRS = {'docs/tutorial.md': 'workdirs/tutorial_en', 'docs/tutorial.ko.md': 'workdirs/tutorial_ko'}
+WORKDIRS = {'docs/tutorial.md': 'workdirs/tutorial_en',
+            'docs/tutorial.ko.md': 'workdirs/tutorial_ko'}
 # The figures each script writes into <workdir>/figures/, as the page says.
 FIGURES = ('train_image_first', 'train_grid_5x5', 'training_curves', 'prediction_0',
            'prediction_2', 'prediction_grid', 'confusion_matrix', 'single_prediction')
