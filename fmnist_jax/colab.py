@@ -7,6 +7,7 @@ Everything stops "Run all" with one sentence (`Stop`), never a traceback.
 
 import ctypes
 import json
+import operator
 import os
 import re
 import shutil
@@ -16,8 +17,7 @@ import sys
 from importlib import metadata
 
 # pyproject.toml's jax (a test holds them equal): a runtime's jax inside it is kept.
-JAX_SPEC = '>=0.7.2,<0.13'
-JAX_RANGE = [tuple(int(x) for x in v.split('.')) for v in re.findall(r'[\d.]+', JAX_SPEC)]
+JAX_SPEC = '>=0.7.2,<0.13,!=0.12.1'
 PROBE = ('import jax; d = jax.devices(); '
          'print(jax.default_backend(), len(d), d[0].device_kind, sep="|")')
 # libtpu's words when another process holds the TPU (checked against libtpu.so in CI).
@@ -108,7 +108,14 @@ def version(name: str) -> str | None:
 
 
 def _release(v: str | None):
-  return tuple(int(x) for x in re.findall(r'\d+', v)[:3]) if v else None
+  return tuple(int(x) for x in re.findall(r'\d+', v)) if v else None
+
+
+def jax_fits(v: str | None) -> bool:
+  """Whether jax `v` is inside JAX_SPEC (each of its >=, < and != clauses)."""
+  ops = {'>=': operator.ge, '<': operator.lt, '!=': operator.ne}
+  return v is not None and all(ops[op](_release(v), _release(bound))
+                               for op, bound in re.findall(r'(>=|<|!=)([\d.]+)', JAX_SPEC))
 
 
 def check_accelerator(cwd: str, accept_cpu: bool = False, probe: str = PROBE) -> tuple:
@@ -190,21 +197,20 @@ def install(src: str, home: str) -> None:
   a constraint: the runtime's jax is kept when inside JAX_SPEC, else jax comes with its plugin."""
   found = _succeeds('import fmnist_jax; print(fmnist_jax.__file__)', home)
   from_src = found.returncode == 0 and found.stdout.strip().startswith(os.path.join(src, ''))
-  jax_fits = _release(version('jax')) is not None and (
-      JAX_RANGE[0] <= _release(version('jax')) < JAX_RANGE[1])
+  fits = jax_fits(version('jax'))
   need_tf = _succeeds('import tensorflow', home).returncode != 0  # Any TensorFlow build works.
-  if from_src and jax_fits and not need_tf:
+  if from_src and fits and not need_tf:
     print('already installed')
     return
   before = _installed()
   # Where jax must change, its plugins and its own dependencies may move with it.
   keep = {n: v for n, v in before.items() if n != 'fmnist-jax' and (
-      jax_fits or n in ('numpy', 'protobuf'))}
+      fits or n in ('numpy', 'protobuf'))}
   pins = os.path.join(home, 'fmnist_jax_pins.txt')
   with open(pins, 'w') as f:
     f.writelines(f'{n}=={v}\n' for n, v in keep.items())
   target = src
-  if not jax_fits:  # jax with its plugin at one version.
+  if not fits:  # jax with its plugin at one version.
     target = f'{src}[{"cuda12" if shutil.which("nvidia-smi") else "tpu"}]'
     print(f'jax {version("jax")} does not fit {JAX_SPEC}: installing {target}')
   extra = ['tensorflow-cpu>=2.18,<2.22'] if need_tf else []

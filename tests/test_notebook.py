@@ -66,6 +66,8 @@ def test_notebook_is_valid():
   with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
     jax_spec = next(d for d in tomllib.load(f)['project']['dependencies'] if d.startswith('jax>'))
   assert colab.JAX_SPEC == jax_spec[len('jax'):]
+  assert [colab.jax_fits(v) for v in ('0.7.1', '0.7.2', '0.12.0.1', '0.12.1', '0.13.0', None)] == [
+      False, True, True, False, False, False]  # Each clause, the != too.
 
 
 def _execute(nb, cwd, env, drop=(), kernel='python3'):
