@@ -242,10 +242,8 @@ def run_epoch(run: Run, state, history, epoch: int, chunks: ChunkSource):
 
 
 def at_check(run: Run, state, history: list[dict], epoch: int, epoch_started: float) -> bool:
-  """Divergence check, mid-epoch checkpoint, agreed stop and progress; True when stopping.
-
-  Every process calls it at the same steps, so the stop decision is collective and identical.
-  """
+  """Divergence check, mid-epoch checkpoint, agreed stop and progress; True when stopping. Every
+  process calls it at the same steps, so the stop decision is collective and identical."""
   step = int(state.step)  # Waits for the chunk to finish.
   check_finite(run, state)
   at_epoch_end = step % run.plan.steps_per_epoch == 0
