@@ -25,9 +25,12 @@ from fmnist_jax.errors import UserError, exit_on_user_error
 from fmnist_jax.run import signals
 
 # Lines the frameworks print for themselves: C++ log lines ('W1206 05:12:33.1 123 file.cc:45] ';
-# severity F, a crash, passes), absl's note before its logging starts, Gloo's "[Gloo] Rank N is
-# connected to M peer ranks" (two such lines may interleave), and tfds's preparation banners.
+# severity F, a crash, passes), absl's note before its logging starts, libtpu's warning that this
+# machine has no TPU (written before its log settings apply, with a source trace), Gloo's "[Gloo]
+# Rank N is connected to M peer ranks" (two such lines may interleave), and tfds's banners.
 NOISE = re.compile(rb'^[IWE]\d{4} [^\]]*\] |^WARNING: All log messages before absl::Initialize'
+                   rb'|^WARNING: Logging before InitGoogle|^Failed to find host bounds for accel'
+                   rb'|^=== Source Location Trace: ===|^learning/\S+\.cc:\d+$'
                    rb'|\[Gloo\]|connected peer ranks|^Downloading and preparing dataset '
                    rb'|^Dataset \S+ downloaded and prepared to ')
 

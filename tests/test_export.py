@@ -353,7 +353,7 @@ def test_xla_tpu_command_is_quiet_and_writes_its_records(tmp_path):
   records = json.loads((tmp_path / 'tpu_compile.json').read_text())
   assert [(r['topology'], r['devices'], r['program']) for r in records] == [
       (t, n, p) for t, n in (('v5e:1x1', 1), ('v6e:2x2', 4))
-      for p in ('train_chunk', 'evaluate', 'predict', 'finite')]
+      for p in ('train_chunk', 'train_step', 'evaluate', 'predict', 'finite')]
   assert "XLA:TPU's cost model, not measurements" in result.stdout
 
 
