@@ -169,10 +169,10 @@ def _close_filters() -> None:
     os.dup2(null, fd)  # Closes the pipes' write ends: the copier sees their end.
   os.close(null)
   pid = _copier.pop()
-  for _ in range(100):
+  for _ in range(1000):
     if os.waitpid(pid, os.WNOHANG)[0]:
       return
-    time.sleep(0.05)
+    time.sleep(0.005)
 
 
 def stdout_is_terminal() -> bool:
