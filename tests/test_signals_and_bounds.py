@@ -179,7 +179,6 @@ def test_a_program_larger_than_the_device_is_refused_before_anything_is_written(
 
 def test_compile_all_names_every_program_too_large():
   import jax
-  from fmnist_jax import config as config_lib
   from fmnist_jax.plan import ModelSpec, OptimizerSpec, RunPlan
   config = load_test_config()
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
@@ -188,7 +187,6 @@ def test_compile_all_names_every_program_too_large():
   with pytest.raises(UserError) as refused:
     programs.compile_all({k: progs[k] for k in ('train_chunk', 'finite')}, memory_limit=1000)
   assert str(refused.value).count(' needs ') == 2 and '\n' not in str(refused.value)
-  del config_lib
 
 
 # Minor cases ------------------------------------------------------------------------------------
