@@ -238,7 +238,7 @@ def validate_config(config) -> None:
     raise UserError(f'hidden_sizes={sizes} must be positive integers{example("hidden_sizes")}.')
   for name, zero in (('check_every_steps', 'once per epoch'),
                      ('checkpoint_every_steps', 'at epoch ends only'), ('profile_steps', 'off')):
-    if not isinstance(config[name], int) or config[name] < 0:
+    if not _is_int(config[name]) or config[name] < 0:
       raise UserError(f'{name}={config[name]!r} must be 0 ({zero}) or a positive number of '
                       'steps.')
   if not isinstance(config.compile_cache_dir, str):

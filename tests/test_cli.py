@@ -95,6 +95,7 @@ def test_divergence_exit_code(data_dir, tmp_path):
     ('compute_dtype', 'float16', "unknown compute_dtype 'float16'"),
     ('check_every_steps', -1, 'check_every_steps=-1 must be 0'),
     ('profile_steps', -1, 'profile_steps=-1 must be 0'),
+    ('checkpoint_every_steps', True, 'checkpoint_every_steps=True must be 0'),
     ('eval_batch_size', 0, 'eval_batch_size=0'),
 ])
 def test_validate_config(field, value, message):
