@@ -130,11 +130,12 @@ def test_a_photo_that_is_not_a_file_is_refused_and_the_others_classified(trained
   assert result.stdout.startswith(f'{photo}: ')
 
 
-def test_export_to_an_existing_file_is_one_line(tmp_path):
+@pytest.mark.parametrize('what', ['--platforms=cpu', '--tpu=v5e:1x1'])
+def test_export_to_an_existing_file_is_one_line(tmp_path, what):
+  """Both the export and the compile check (refused before it looks for libtpu)."""
   taken = tmp_path / 'taken'
   taken.write_text('mine')
-  result = run_cli('fmnist_jax.export', '--config', 'configs/test.py', '--platforms=cpu',
-                   f'--out={taken}')
+  result = run_cli('fmnist_jax.export', '--config', 'configs/test.py', what, f'--out={taken}')
   assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-3000:]
   assert result.stderr.strip().splitlines() == [
       f'error: output folder {taken} is a file, not a folder; choose another --out.']

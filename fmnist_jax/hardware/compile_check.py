@@ -17,6 +17,7 @@ from fmnist_jax import config as config_lib
 from fmnist_jax.errors import UserError
 from fmnist_jax.hardware import targets
 from fmnist_jax.hardware.lowering import cpu_devices, dataset_programs, set_host_device_count
+from fmnist_jax.run import workdir as workdir_lib
 
 TPU_FILE, GPU_FILE = 'tpu_compile.json', 'gpu_compile.json'
 TPU_FIX = "pip install -e '.[tpu]'"
@@ -189,7 +190,7 @@ def check(config, tpus, gpus, out: str, stream_chunk: bool = True,
   for gpu in gpu_targets:
     for count in gpu.machine_sizes:
       config_lib.check_divisible(config.batch_size, count, f'{count} x {gpu.name}')
-  os.makedirs(out, exist_ok=True)
+  out = workdir_lib.check_writable(out, 'output folder', 'choose another --out')
   results = {}
   kinds = (('tpu', TPU_FILE, tpu_capacity, tpu_targets), ('gpu', GPU_FILE, gpu_capacity,
                                                           gpu_targets))
