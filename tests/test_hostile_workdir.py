@@ -708,3 +708,18 @@ def test_cli_huge_hidden_layer_is_one_line_at_once(tmp_path):
   _one_line_error(_train(tmp_path / 'w', "--config.hidden_sizes=(1000000000,)"),
                   'hidden_sizes=(1000000000,) needs')
   assert not (tmp_path / 'w').exists()
+
+
+def test_a_link_planted_after_the_check_is_refused_by_the_opener(tmp_path):
+  """The opener itself (O_NOFOLLOW) refuses a link that appeared after check_kind looked, in one
+  line naming it, and writes nothing through it: the metrics' append, and any open for writing."""
+  victim = tmp_path / 'victim'
+  victim.write_text('precious')
+  link = tmp_path / 'metrics.jsonl'
+  os.symlink(victim, link)
+  with pytest.raises(WorkdirError, match=f'^{link} is a symbolic link; remove it'):
+    workdir_lib.append_json_line(str(link), {'step': 1})
+  with pytest.raises(WorkdirError, match=f'^{link} is a symbolic link; the fix.$'):
+    # pylint: disable-next=protected-access
+    workdir_lib._open_regular(str(link), os.O_RDWR | os.O_NOFOLLOW, 'the fix')
+  assert victim.read_text() == 'precious'

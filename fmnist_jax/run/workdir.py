@@ -100,8 +100,13 @@ def check_kind(file: str, expected: str, fix: str, error=None, show_target: bool
 
 def _open_regular(file: str, flags: int, fix: str, error=WorkdirError) -> int:
   """os.open without blocking on a fifo; refuses what is not a regular file once open (a name
-  replaced since check_kind looked at it)."""
-  fd = os.open(file, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+  replaced since check_kind looked at it, or a link planted there when `flags` has O_NOFOLLOW)."""
+  try:
+    fd = os.open(file, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+  except OSError as e:
+    if e.errno == errno.ELOOP and flags & os.O_NOFOLLOW:
+      raise error(f'{file} is a symbolic link; {fix}.') from None
+    raise
   mode = os.fstat(fd).st_mode
   if not stat.S_ISREG(mode):
     os.close(fd)
@@ -345,12 +350,7 @@ def write_json_lines(target: str, objs: Iterable[Any]) -> None:
 def append_json_line(target: str, obj: Any) -> None:
   """Appends one JSON line to the regular file at `target`, never through a link planted there."""
   fix = 'remove it and run the same command again (it is rewritten from the checkpoint)'
-  try:
-    fd = _open_regular(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, fix)
-  except OSError as e:
-    if e.errno != errno.ELOOP:
-      raise
-    raise WorkdirError(f'{target} is a symbolic link; {fix}.') from None
+  fd = _open_regular(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, fix)
   with os.fdopen(fd, 'a') as f:
     f.write(json.dumps(obj) + '\n')
     f.flush()
@@ -496,8 +496,6 @@ class Lock:
     try:
       return _open_regular(self._path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, fix)
     except OSError as e:
-      if e.errno == errno.ELOOP:  # A link planted since the check.
-        raise WorkdirError(f'{self._path} is a symbolic link; {fix}.') from None
       raise self._error(e, 'created') from None
 
   def acquire(self) -> None:
