@@ -55,12 +55,14 @@ def dataset_programs(config, mesh, stream_chunk: bool = True, names=None) -> dic
   from fmnist_jax.plan import ModelSpec, OptimizerSpec, RunPlan
   plan = RunPlan.create(config, NUM_TRAIN, NUM_TEST, mesh.size)
   model, optimizer = ModelSpec.from_config(config), OptimizerSpec.from_config(config)
+  wanted = names or COMPILED
   progs = programs.build(model, optimizer, plan, mesh)
-  progs['train_step'] = programs.one_step(model, optimizer, plan, mesh)
-  if stream_chunk and plan.input_mode == 'device':
+  if 'train_step' in wanted:
+    progs['train_step'] = programs.one_step(model, optimizer, plan, mesh)
+  if stream_chunk and plan.input_mode == 'device' and 'stream_chunk' in wanted:
     stream = dataclasses.replace(plan, input_mode='stream')
     progs['stream_chunk'] = programs.build(model, optimizer, stream, mesh)['train_chunk']
-  return {name: progs[name] for name in names or COMPILED if name in progs}
+  return {name: progs[name] for name in wanted if name in progs}
 
 
 EXPORTED = ('train_chunk', 'shuffle', 'evaluate')  # The training programs written out.
