@@ -16,6 +16,8 @@ import subprocess
 import sys
 from importlib import metadata
 
+from fmnist_jax.hardware import targets  # Standard library only, too.
+
 # pyproject.toml's jax (a test holds them equal): a runtime's jax inside it is kept.
 JAX_SPEC = '>=0.7.2,<0.13,!=0.12.1'
 PROBE = ('import jax; d = jax.devices(); '
@@ -164,19 +166,19 @@ def versions() -> str:
 def estimate_line(summary: dict, src: str) -> str:
   """The compilers' estimate for this accelerator (benchmarks/reports/*-estimate.json) beside the
   measured run: an estimate leaves out loop, launch and host overheads."""
-  known = {'TPU v5 lite': ('tpu', 'v5e:1x1'), 'TPU v6 lite': ('tpu', 'v6e:1x1'),
-           'Tesla T4': ('gpu', 't4'), 'NVIDIA H100 80GB HBM3': ('gpu', 'h100')}
-  if summary['device_kind'] not in known or summary['batch_size'] != 32:
-    return (f'no compiler estimate for {summary["device_kind"]} at batch {summary["batch_size"]} '
-            '(benchmarks/reports/tpu-estimate.md, gpu-estimate.md)')
-  kind, target = known[summary['device_kind']]
-  with open(os.path.join(src, 'benchmarks', 'reports', f'{kind}-estimate.json')) as f:
-    estimate = json.load(f)
-  row = next(r for r in estimate['rows'] if r['topology'] == target and r['batch_size'] == 32
-             and r['num_models'] == 1)
-  return (f'steps/s at batch 32: measured {summary["steps_per_second"]:,.0f} on '
-          f'{summary["device_kind"]}; {estimate["what"]}: {row["estimated_steps_per_second"]:,.0f}'
-          ' (an estimate, not a measurement)')
+  kinds = {**{f'{g}:1x1': tpu.device_kind for g, tpu in targets.TPUS.items()},
+           **{name: gpu.device_kind for name, gpu in targets.GPUS.items()}}
+  for kind in ('tpu', 'gpu'):
+    with open(os.path.join(src, 'benchmarks', 'reports', f'{kind}-estimate.json')) as f:
+      estimate = json.load(f)
+    for row in estimate['rows']:
+      if (kinds.get(row['topology']) == summary['device_kind'] and row['num_models'] == 1
+          and row['batch_size'] == summary['batch_size'] == 32):
+        return (f'steps/s at batch 32: measured {summary["steps_per_second"]:,.0f} on '
+                f'{summary["device_kind"]}; {estimate["what"]}: '
+                f'{row["estimated_steps_per_second"]:,.0f} (an estimate, not a measurement)')
+  return (f'no compiler estimate for {summary["device_kind"]} at batch {summary["batch_size"]} '
+          '(benchmarks/reports/tpu-estimate.md, gpu-estimate.md)')
 
 
 def _installed() -> dict:

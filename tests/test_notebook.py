@@ -158,6 +158,28 @@ def test_a_held_tpu_says_to_restart_the_session(tmp_path):
     colab.check_accelerator(str(tmp_path), probe=held)
 
 
+def test_the_estimate_beside_a_run_is_the_report_row_of_its_device():
+  """Each estimated target's row at batch 32 (one model) is found from the device kind JAX
+  reports (hardware/targets.py's tables); another device or batch has none."""
+  from fmnist_jax.hardware import targets
+  for kind in ('tpu', 'gpu'):
+    with open(os.path.join(ROOT, 'benchmarks', 'reports', f'{kind}-estimate.json')) as f:
+      estimate = json.load(f)
+    rows = [r for r in estimate['rows'] if r['batch_size'] == 32 and r['num_models'] == 1]
+    assert rows
+    for row in rows:
+      device_kind = (targets.TPUS[row['topology'].split(':')[0]].device_kind if kind == 'tpu'
+                     else targets.GPUS[row['topology']].device_kind)
+      line = colab.estimate_line({'device_kind': device_kind, 'batch_size': 32,
+                                  'steps_per_second': 1000.0}, ROOT)
+      assert line.endswith(f'{estimate["what"]}: {row["estimated_steps_per_second"]:,.0f} (an '
+                           'estimate, not a measurement)'), line
+      assert colab.estimate_line({'device_kind': device_kind, 'batch_size': 64,
+                                  'steps_per_second': 1.0}, ROOT).startswith('no compiler')
+  assert colab.estimate_line({'device_kind': 'cpu', 'batch_size': 32, 'steps_per_second': 1.0},
+                             ROOT).startswith('no compiler estimate for cpu at batch 32')
+
+
 def test_the_accelerator_gate_stops_a_runtime_without_one(tmp_path, monkeypatch):
   """The gate the smoke runs switch off: on a CPU it stops, naming a plugin that does not match."""
   with pytest.raises(colab.Stop, match='^this runtime has no TPU: Runtime → Change runtime type'):
