@@ -52,7 +52,7 @@ def base() -> ml_collections.ConfigDict:
 # NUMBERS shape the trained numbers (a resume must match the checkpoint's; they name the workdir);
 # LENGTH names the workdir and may grow on resume; HOST (how often to check, save, transfer;
 # compilation), PLACE (where data and processes are) and DISPLAY change no number and name nothing.
-# Every field has a role here: `role()` refuses unknown ones.
+# Every field has a role here: `with_role` refuses unknown ones.
 NUMBERS, LENGTH, HOST, PLACE, DISPLAY = 'numbers', 'length', 'host', 'place', 'display'
 
 ROLES = {
@@ -92,15 +92,9 @@ def flat(config) -> dict[str, Any]:
 RETIRED = ('loop_unroll',)
 
 
-def role(name: str) -> str:
-  if name not in ROLES:
-    raise KeyError(f'config field {name!r} has no role in fmnist_jax/config.py')
-  return ROLES[name]
-
-
 def with_role(config, *roles: str) -> dict[str, Any]:
-  """The fields of `config` that have one of `roles`."""
-  return {name: value for name, value in flat(config).items() if role(name) in roles}
+  """The fields of `config` that have one of `roles` (KeyError for a field without a role)."""
+  return {name: value for name, value in flat(config).items() if ROLES[name] in roles}
 
 
 def resume_fingerprint(config, devices: int = 1, processes: int = 1) -> dict[str, Any]:
@@ -136,11 +130,6 @@ def default_workdir(config_path: str, config, devices: int, processes: int) -> s
 
 
 # Validation --------------------------------------------------------------------------------------
-
-INPUT_MODES = ('device', 'stream', 'tfds')
-MODELS = ('mlp',)
-OPTIMIZERS = ('adam',)
-DTYPES = ('float32', 'bfloat16')
 
 # JAX takes seeds as signed 64-bit integers; steps.init_state seeds model k with seed + k and the
 # data order with seed + 1_000_003, so the largest usable seed leaves room for both.
@@ -185,71 +174,58 @@ def _is_finite(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _positive(config, name: str):
-  value = config[name]
-  if not _is_int(value) or value <= 0:
-    raise UserError(f'{name}={value!r} must be a positive number{example(name)}.')
+# field -> (whether a value is acceptable, what it must be), checked in this order by `_require`.
+RULES = {
+    **{name: (lambda v: _is_int(v) and v > 0, 'a positive number') for name in (
+        'num_epochs', 'batch_size', 'eval_batch_size', 'num_models', 'max_checkpoints_to_keep',
+        'stream_chunk_steps')},
+    'hidden_sizes': (lambda v: all(_is_int(s) and s > 0 for s in v), 'positive integers'),
+    'num_classes': (lambda v: v == NUM_CLASSES,
+                    f'{NUM_CLASSES} (Fashion-MNIST has {NUM_CLASSES} classes)'),
+    **{name: (lambda v: _is_int(v) and v >= 0, f'0 ({zero}) or a positive number of steps')
+       for name, zero in (('check_every_steps', 'once per epoch'),
+                          ('checkpoint_every_steps', 'at epoch ends only'),
+                          ('profile_steps', 'off'))},
+    'compile_cache_dir': (lambda v: isinstance(v, str), "a folder, 'auto' or '' (off)"),
+    # nan, inf and 0 make Adam's update nan; a decay rate of 1 or more never forgets (and / 0).
+    **{name: (lambda v: _is_finite(v) and v > 0, 'a finite number above 0')
+       for name in ('learning_rate', 'eps')},
+    **{name: (lambda v: _is_finite(v) and 0 <= v < 1, 'a number from 0 up to (not including) 1')
+       for name in ('b1', 'b2')},
+}
+# field -> its allowed values; a message suggests the first.
+CHOICES = {'model': ('mlp',), 'input_mode': ('device', 'stream', 'tfds'), 'optimizer': ('adam',),
+           'compute_dtype': ('float32', 'bfloat16')}
 
 
-def _positive_finite(name: str, value, example_of: str) -> None:
-  """A learning rate or eps: a finite number above 0 (nan, inf and 0 make Adam's update nan)."""
-  if not _is_finite(value) or value <= 0:
-    raise UserError(f'{name}={value!r} must be a finite number above 0{example(example_of)}.')
-
-
-def _check_seed(config) -> None:
-  seed = config.seed
-  highest = SEED_LIMIT - max(DATA_SEED_OFFSET, config.num_models - 1)
-  if not _is_int(seed) or not 0 <= seed <= highest:
-    raise UserError(f'seed={seed!r} must be an integer from 0 to {highest} (JAX takes 64-bit '
-                    f'seeds){example("seed")}.')
-
-
-def _check_optimizer_numbers(config) -> None:
-  _positive_finite('learning_rate', config.learning_rate, 'learning_rate')
-  for i, lr in enumerate(tuple(config.learning_rates)):
-    _positive_finite(f'learning_rates[{i}]', lr, 'learning_rate')
-  for name in ('b1', 'b2'):  # Adam's decay rates: 1 or more never forgets, and divides by 0.
-    value = config[name]
-    if not _is_finite(value) or not 0 <= value < 1:
-      raise UserError(f'{name}={value!r} must be a number from 0 up to (not including) 1'
-                      f'{example(name)}.')
-  _positive_finite('eps', config.eps, 'eps')
+def _require(ok: bool, name: str, value, what: str, example_of: str = '') -> None:
+  """The one checker: unless `ok`, UserError '<name>=<value> must be <what>; e.g. <default>.'"""
+  if not ok:
+    shown = tuple(value) if isinstance(value, list) else value  # As the config file spells it.
+    raise UserError(f'{name}={shown!r} must be {what}{example(example_of or name)}.')
 
 
 def validate_config(config) -> None:
   """Raises UserError naming the first bad field and a value that works."""
-  for name in ('num_epochs', 'batch_size', 'eval_batch_size', 'num_models',
-               'max_checkpoints_to_keep', 'stream_chunk_steps'):
-    _positive(config, name)
+  for name, (accepts, what) in RULES.items():
+    _require(accepts(config[name]), name, config[name], what)
   if config.batch_size > NUM_TRAIN:
     raise UserError(f'batch_size={config.batch_size} is larger than the training set '
                     f'({NUM_TRAIN} examples); use at most --config.batch_size={NUM_TRAIN}.')
-  for name, allowed in (('model', MODELS), ('input_mode', INPUT_MODES),
-                        ('optimizer', OPTIMIZERS), ('compute_dtype', DTYPES)):
+  for name, allowed in CHOICES.items():
     if config[name] not in allowed:
       raise UserError(f'unknown {name} {config[name]!r}; choose one of '
                       f'{", ".join(allowed)} (--config.{name}={allowed[0]}).')
-  if config.num_classes != NUM_CLASSES:
-    raise UserError(f'num_classes={config.num_classes}, but Fashion-MNIST has '
-                    f'{NUM_CLASSES} classes; use --config.num_classes=10.')
-  sizes = tuple(config.hidden_sizes)
-  if not all(_is_int(s) and s > 0 for s in sizes):
-    raise UserError(f'hidden_sizes={sizes} must be positive integers{example("hidden_sizes")}.')
-  for name, zero in (('check_every_steps', 'once per epoch'),
-                     ('checkpoint_every_steps', 'at epoch ends only'), ('profile_steps', 'off')):
-    if not _is_int(config[name]) or config[name] < 0:
-      raise UserError(f'{name}={config[name]!r} must be 0 ({zero}) or a positive number of '
-                      'steps.')
-  if not isinstance(config.compile_cache_dir, str):
-    raise UserError(f'compile_cache_dir={config.compile_cache_dir!r} must be a folder, \'auto\' '
-                    "or '' (off).")
   lrs = tuple(config.learning_rates)
   if lrs and len(lrs) != config.num_models:
     raise UserError(f'learning_rates has {len(lrs)} values for num_models={config.num_models}; '
                     'give one per model or none.')
-  _check_optimizer_numbers(config)
-  _check_seed(config)
+  accepts, what = RULES['learning_rate']  # Each of learning_rates, as learning_rate.
+  for i, lr in enumerate(lrs):
+    _require(accepts(lr), f'learning_rates[{i}]', lr, what, 'learning_rate')
+  highest = SEED_LIMIT - max(DATA_SEED_OFFSET, config.num_models - 1)
+  _require(_is_int(config.seed) and 0 <= config.seed <= highest, 'seed', config.seed,
+           f'an integer from 0 to {highest} (JAX takes 64-bit seeds)')
 
 
 def check_divisible(batch_size: int, devices: int, where: str = '') -> None:
@@ -279,13 +255,10 @@ def _size(size: int) -> str:
 
 
 def check_sizes(config, memory_bytes: int | None) -> None:
-  """Refuses, in one line naming the field to change, a run whose state cannot fit in memory.
-
-  What the run keeps on one device for its whole life (every model's parameters and Adam moments
-  in float32, and the 'device' mode's resident train set) is a lower bound: only what cannot
-  possibly run is refused. `memory_bytes` is one device's (device_memory_bytes()); None checks
-  nothing.
-  """
+  """Refuses, in one line naming the field to change, a run whose state cannot fit in one device's
+  `memory_bytes` (None checks nothing). That state (every model's float32 parameters and Adam
+  moments, the 'device' mode's resident train set) is a lower bound: only what cannot run is
+  refused."""
   if memory_bytes is None:
     return
   one_model = param_count(config) * STATE_BYTES_PER_PARAM
