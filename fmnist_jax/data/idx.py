@@ -57,12 +57,11 @@ def parse(data: bytes, path: str, magic: int) -> np.ndarray:
   header_len = 4 + 4 * ndim
   if len(data) < header_len:
     raise IdxError(f'{path}: too short for an IDX header ({len(data)} bytes).')
-  found = int.from_bytes(data[:4], 'big')
+  found, *dims = np.frombuffer(data[:header_len], '>u4').tolist()
   if found != magic:
     raise IdxError(f'{path}: wrong IDX magic number 0x{found:08x}, expected 0x{magic:08x} for '
                    f'{kind}; is this the right file?')
-  dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
-  if magic == IMAGES_MAGIC and dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+  if magic == IMAGES_MAGIC and dims[1:] != [IMAGE_SIZE, IMAGE_SIZE]:
     raise IdxError(f'{path}: images are {dims[1]}x{dims[2]}, expected '
                    f'{IMAGE_SIZE}x{IMAGE_SIZE}.')
   expected = int(np.prod(dims))
@@ -99,7 +98,7 @@ def has_files(directory: str) -> bool:
 def write(path: str, array: np.ndarray, compress: bool = True) -> None:
   """Writes `array` (uint8, 1 or 3 dims) as an IDX file; used by tests and tools."""
   magic = IMAGES_MAGIC if array.ndim == 3 else LABELS_MAGIC
-  header = magic.to_bytes(4, 'big') + b''.join(d.to_bytes(4, 'big') for d in array.shape)
+  header = np.array([magic, *array.shape], '>u4').tobytes()
   data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
   with open(path, 'wb') as f:
     f.write(gzip.compress(data) if compress else data)
