@@ -72,19 +72,15 @@ ROLES = {
 }
 
 
-def flat(config) -> dict[str, Any]:
+def flat(config, prefix: str = '') -> dict[str, Any]:
   """{'data.shuffle_buffer': 60000, ...}: every leaf field of a ConfigDict (or dict), tuples
   as lists (as JSON stores them)."""
   out = {}
-
-  def walk(prefix, node):
-    for key, value in node.items():
-      name = f'{prefix}{key}'
-      if hasattr(value, 'items'):
-        walk(f'{name}.', value)
-      else:
-        out[name] = list(value) if isinstance(value, (tuple, list)) else value
-  walk('', config)
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      out.update(flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = list(value) if isinstance(value, (tuple, list)) else value
   return out
 
 
@@ -135,12 +131,6 @@ def default_workdir(config_path: str, config, devices: int, processes: int) -> s
 # data order with seed + 1_000_003, so the largest usable seed leaves room for both.
 SEED_LIMIT = 2**63 - 1
 DATA_SEED_OFFSET = 1_000_003
-
-# Bytes per parameter held for the whole run: the float32 parameters and Adam's two moments (mu,
-# nu), whatever compute_dtype is (bfloat16 computes in bf16 but keeps f32 state).
-STATE_BYTES_PER_PARAM = 3 * 4
-# The resident train set of the 'device' mode: uint8 pixels and int32 labels.
-RESIDENT_DATA_BYTES = NUM_TRAIN * (IMAGE_PIXELS + 4)
 
 
 @functools.lru_cache(maxsize=1)
@@ -240,6 +230,12 @@ def check_divisible(batch_size: int, devices: int, where: str = '') -> None:
 
 
 # Sizes -------------------------------------------------------------------------------------------
+
+# Bytes per parameter held for the whole run: the float32 parameters and Adam's two moments (mu,
+# nu), whatever compute_dtype is (bfloat16 computes in bf16 but keeps f32 state).
+STATE_BYTES_PER_PARAM = 3 * 4
+# The resident train set of the 'device' mode: uint8 pixels and int32 labels.
+RESIDENT_DATA_BYTES = NUM_TRAIN * (IMAGE_PIXELS + 4)
 
 
 def param_count(config) -> int:
