@@ -1,12 +1,10 @@
 """Fashion-MNIST input: tfds's official dataset, prepared offline from local IDX files if needed.
 
-Three layers, cheapest first: a decoded uint8 copy (`fmnist_jax-<version>.npz`) beside the tfds
-data, checked against its split counts and loaded without TensorFlow (the warm start); the tfds
-dataset `fashion_mnist`, read through tfds to build that copy and streamed by the `tfds` input
-mode; and its preparation, from local IDX files or by tfds's download. Every write is atomic.
-Whether anything can provide the data is decided from files and one connection attempt before
-TensorFlow is imported, so an offline machine without data is told in seconds. The module
-returns numpy arrays and knows nothing about models or devices.
+Three layers, cheapest first (docs/data.md): a decoded uint8 copy beside the tfds data, loaded
+without TensorFlow (the warm start); the tfds dataset `fashion_mnist`, read to build that copy and
+streamed by the `tfds` input mode; its preparation, from local IDX files or by tfds's download.
+Every write is atomic; an offline machine without data is told so before TensorFlow loads. Numpy
+arrays out: nothing here knows models or devices.
 """
 
 import contextlib
@@ -101,7 +99,10 @@ def load(data_config, verbose: bool = False) -> Arrays:
             'rebuilding it.', file=sys.stderr, flush=True)
       _remove_prepared(root)
       arrays, version = _from_tfds(root, source, data_config, verbose)
-    _write_copy(root, version, arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f'{split}_{k}': v for split in SPLITS for k, v in arrays[split].items()})
+    # A reader sees the old state or the complete new file, never half of it.
+    workdir_lib.write_atomic(_copy_path(root, version), buffer.getvalue())
   if verbose:
     print(f'Prepared {DATASET} {version} in {root} ({time.perf_counter() - start:.1f} s).',
           flush=True)
@@ -196,14 +197,6 @@ def _valid(split: dict[str, np.ndarray], count: int | None) -> bool:
           and 0 <= label.min() and label.max() < idx.NUM_CLASSES)
 
 
-def _write_copy(root: str, version: str, arrays: Arrays) -> None:
-  flat = {f'{s}_{k}': v for s in SPLITS for k, v in arrays[s].items()}
-  buffer = io.BytesIO()
-  np.savez(buffer, **flat)
-  # A reader sees the old state or the complete new file, never half of it.
-  workdir_lib.write_atomic(_copy_path(root, version), buffer.getvalue())
-
-
 def import_tensorflow():
   """Imports TensorFlow with every GPU and TPU hidden from it, so it never takes their memory."""
   # TensorFlow only decodes and batches here: no start-up lines, no oneDNN banner.
@@ -219,8 +212,10 @@ def import_tensorflow():
 
 
 def tfds_builder(root: str, local: Arrays | None = None):
-  """tfds's fashion_mnist builder; with `local` arrays (read from IDX files), one that prepares
-  the dataset from them."""
+  """tfds's fashion_mnist builder; with `local` arrays (validated, from IDX files), one that
+  prepares the dataset from them instead of downloading (tfds would reject Debian's gzip files by
+  checksum although their content is identical): name, version, features and files stay those of
+  `fashion_mnist`."""
   workdir_lib.check_writable(os.path.join(root, DATASET), 'data dir',
                              'choose another with --config.data.data_dir or $TFDS_DATA_DIR',
                              DataError)
@@ -229,21 +224,9 @@ def tfds_builder(root: str, local: Arrays | None = None):
   tfds.disable_progress_bar()
   if local is None:
     return tfds.builder(DATASET, data_dir=root)
-  return _local_builder_class()(splits=local, data_dir=root)
-
-
-def _local_builder_class():
-  """tfds's FashionMNIST builder reading validated IDX arrays instead of downloading (tfds would
-  reject Debian's gzip files by checksum although their content is identical); name, version,
-  features and prepared files stay those of `fashion_mnist`."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   class LocalFashionMNIST(tfds.image_classification.FashionMNIST, skip_registration=True):
     name = DATASET
-
-    def __init__(self, *, splits: Arrays, **kwargs):
-      self._splits = splits
-      super().__init__(**kwargs)
 
     def _split_generators(self, dl_manager):
       del dl_manager  # Nothing to download.
@@ -251,11 +234,10 @@ def _local_builder_class():
               for split in SPLITS]
 
     def _generate_examples(self, split):
-      images, labels = self._splits[split]['image'], self._splits[split]['label']
-      for i, (image, label) in enumerate(zip(images, labels)):
+      for i, (image, label) in enumerate(zip(local[split]['image'], local[split]['label'])):
         yield i, {'image': image[..., None], 'label': int(label)}
 
-  return LocalFashionMNIST
+  return LocalFashionMNIST(data_dir=root)
 
 
 def read_idx(source: str) -> Arrays:

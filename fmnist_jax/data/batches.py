@@ -97,18 +97,13 @@ class TfdsStream(_Stream):
       return {'image': tf.gather(image, indices), 'label': tf.gather(label, indices),
               'mask': tf.cast(indices < n, tf.float32)}
 
+    # One gather per chunk needs no pool of threads; one would take cores the training loop needs.
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    options.autotune.enabled = False
     ds = tf.data.Dataset.from_tensor_slices(grid).map(gather).prefetch(1)
-    return ds.with_options(_pipeline_options(tf)).as_numpy_iterator()
-
-
-def _pipeline_options(tf):
-  """tf.data options for a machine whose cores the compiled training loop also needs: one
-  gather per chunk needs no pool of threads, and a pool of them would compete with the loop."""
-  options = tf.data.Options()
-  options.threading.private_threadpool_size = 1
-  options.threading.max_intra_op_parallelism = 1
-  options.autotune.enabled = False
-  return options
+    return ds.with_options(options).as_numpy_iterator()
 
 
 class HostStream(_Stream):
