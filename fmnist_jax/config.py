@@ -144,13 +144,11 @@ def _base():
 
 
 def example(name: str) -> str:
-  """' e.g. --config.<name>=<default from configs/base.py>', or '' without the base config."""
+  """'; e.g. --config.<name>=<its value in configs/base.py>', or '' without the base config."""
   base = _base()
   if base is None:
     return ''
-  value = base
-  for part in name.split('.'):
-    value = value[part]
+  value = base[name]
   if isinstance(value, (tuple, list)):
     value = f"'{tuple(value)!r}'"
   return f'; e.g. --config.{name}={value}'
