@@ -106,21 +106,17 @@ def classify_files(workdir: str, paths: list[str], as_json: bool = False,
   """Prints the top-3 classes of each image file and draws what the model saw; returns the number
   of files that failed (each told in one line, the others still classified)."""
   trained = _load(workdir)
-  loaded, failures = [], []
-  for path in paths:
-    try:
-      loaded.append((path, *images_lib.load_with_original(path)))
-    except images_lib.ImageFileError as e:
-      failures.append(str(e))
-      print(f'error: {_one_line(str(e))}', file=sys.stderr, flush=True)
+  loaded, failures = images_lib.load_all(paths, images_lib.load_with_original)
+  for failure in failures:
+    print(f'error: {_one_line(failure)}', file=sys.stderr, flush=True)
   results = []
   if loaded:
-    probs = trained.probs(np.stack([c for _, _, c in loaded]))
+    probs = trained.probs(np.stack([converted for _, (_, converted) in loaded]))
     out = workdir_lib.figures_folder(workdir, figures_dir)
     if out:
       from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
       plots.use_headless_backend()
-    for k, ((path, original, converted), p) in enumerate(zip(loaded, probs)):
+    for k, ((path, (original, converted)), p) in enumerate(zip(loaded, probs)):
       top = np.argsort(-p)[:3]
       result = {'file': path, 'top3': [
           {'class': CLASS_NAMES[c], 'label': int(c), 'probability': float(p[c])} for c in top]}

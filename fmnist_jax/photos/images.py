@@ -11,6 +11,7 @@ upright (the dataset's articles are upright and axis-aligned).
 
 import io
 import warnings
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -421,13 +422,14 @@ def load(path: str) -> np.ndarray:
   return load_with_original(path)[1]
 
 
-def load_all(paths) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
-  """Reads many files: ([(path, uint8 [28, 28]), ...] in order, one-line errors of the others);
-  a bad file does not stop the others, a file named twice is read twice."""
+def load_all(paths, read=load) -> tuple[list[tuple[str, Any]], list[str]]:
+  """Reads many files with `read` (`load` or `load_with_original`): ([(path, what it returned),
+  ...] in order, one-line errors of the others); a bad file does not stop the others, a file
+  named twice is read twice."""
   loaded, errors = [], []
   for path in paths:
     try:
-      loaded.append((path, load(path)))
+      loaded.append((path, read(path)))
     except ImageFileError as e:
       errors.append(str(e))
   return loaded, errors
