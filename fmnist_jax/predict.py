@@ -66,16 +66,14 @@ def evaluate_test_set(workdir: str, index: int = 0, figures_dir: str | None = ''
   if out:
     from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
     plots.use_headless_backend()
-    result['figures'] = [
-        plots.save(plots.prediction(images[index], probs[index], labels[index]), out,
-                   f'prediction_{index}'),
-        plots.save(plots.prediction(images[12], probs[12], labels[12]), out, 'prediction_12'),
-        plots.save(plots.prediction_grid(images, probs, labels), out, 'prediction_grid'),
-        plots.save(plots.single_prediction_bars(probs[index], labels[index]), out,
-                   'single_prediction'),
-        plots.save(plots.confusion_matrix(matrix), out, 'confusion_matrix'),
-        plots.save(plots.confident_mistakes(images, probs, labels), out, 'confident_mistakes'),
-    ]
+    figures = {
+        f'prediction_{index}': plots.prediction(images[index], probs[index], labels[index]),
+        'prediction_12': plots.prediction(images[12], probs[12], labels[12]),
+        'prediction_grid': plots.prediction_grid(images, probs, labels),
+        'single_prediction': plots.single_prediction_bars(probs[index], labels[index]),
+        'confusion_matrix': plots.confusion_matrix(matrix),
+        'confident_mistakes': plots.confident_mistakes(images, probs, labels)}
+    result['figures'] = [plots.save(fig, out, name) for name, fig in figures.items()]
     curves = plots.training_curves_figure(workdir, out)
     if curves:
       result['figures'].append(curves)
