@@ -148,8 +148,7 @@ def _box(mask: np.ndarray, pad: int = 0) -> tuple[slice, slice]:
 
 
 def _longest_side(mask: np.ndarray) -> int:
-  rows, cols = _box(mask)
-  return max(rows.stop - rows.start, cols.stop - cols.start)
+  return max(side.stop - side.start for side in _box(mask))
 
 
 def _drop_specks(mask: np.ndarray) -> np.ndarray:
@@ -234,10 +233,10 @@ def _fill(values: np.ndarray, known: np.ndarray) -> np.ndarray:
   return np.where(known, values, up)
 
 
-def _shading(gray: np.ndarray, background_gray: np.ndarray, article: np.ndarray,
-             size: float) -> np.ndarray:
+def _shading(gray: np.ndarray, background_gray: np.ndarray, article: np.ndarray) -> np.ndarray:
   """The background's brightness over its border model (a shadow is below 1): a smooth field
   measured around the article and filled in under it from its surroundings."""
+  size = _longest_side(article)
   known = ~ndimage.binary_dilation(ndimage.binary_fill_holes(article),
                                    iterations=max(1, int(size / 56)))
   ratio = np.clip(gray / np.maximum(background_gray, 1), 0, 1.5)
@@ -341,8 +340,7 @@ def conversion_steps(image: Image.Image) -> list[tuple[str, np.ndarray]]:
   if (np.median(gray[mask] - background_gray[mask]) < 0 and
       _sharp_extent(gray, background_gray, mask).sum() < (1 - SHADOW_FOUND) * mask.sum()):
     article = _sharp_extent(gray, background_gray, mask, reach_around=2.0)  # Sharper parts too.
-    size = _longest_side(article)
-    background_gray = background_gray * _shading(gray, background_gray, article, size)
+    background_gray = background_gray * _shading(gray, background_gray, article)
     steps.append(('sharp-edged article', article))
     steps.append(('background and shadow', background_gray))
   filled = ndimage.binary_fill_holes(article)
