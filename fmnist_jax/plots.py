@@ -1,5 +1,5 @@
 """The tutorial's figures and a few more. Each function takes arrays and returns a Figure, shown
-inline in a notebook; the commands save them with `save()` under a headless backend."""
+inline in a notebook; the commands save them with `save()`. No pyplot: nothing needs a display."""
 
 import io
 import os
@@ -43,7 +43,6 @@ def training_curves_figure(workdir: str, out: str) -> str | None:
     return None
   if not history:
     return None
-  use_headless_backend()
   return save(training_curves(history), out, 'training_curves')
 
 

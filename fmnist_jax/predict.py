@@ -65,7 +65,6 @@ def evaluate_test_set(workdir: str, index: int = 0, figures_dir: str | None = ''
   out = workdir_lib.figures_folder(workdir, figures_dir)
   if out:
     from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
-    plots.use_headless_backend()
     figures = {
         f'prediction_{index}': plots.prediction(images[index], probs[index], labels[index]),
         'prediction_12': plots.prediction(images[12], probs[12], labels[12]),
@@ -113,7 +112,6 @@ def classify_files(workdir: str, paths: list[str], as_json: bool = False,
     out = workdir_lib.figures_folder(workdir, figures_dir)
     if out:
       from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
-      plots.use_headless_backend()
     for k, ((path, (original, converted)), p) in enumerate(zip(loaded, probs)):
       top = np.argsort(-p)[:3]
       result = {'file': path, 'top3': [
@@ -146,7 +144,6 @@ def robustness_report(workdir: str, num_images: int = 300, figures_dir: str | No
   out = workdir_lib.figures_folder(workdir, figures_dir)
   if out:
     from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
-    plots.use_headless_backend()
     report['figure'] = plots.save(plots.robustness(results), out, 'robustness')
   if as_json:
     print(json.dumps(report))
