@@ -52,7 +52,7 @@ def _encode(picture: np.ndarray, fmt: str, quality: int = 90) -> Image.Image:
   """Saves and reopens the picture as a file would be, so codec artefacts are real."""
   buffer = io.BytesIO()
   image = Image.fromarray(np.clip(np.round(picture), 0, 255).astype(np.uint8))
-  image.save(buffer, fmt, quality=quality, compress_level=1)  # Each format takes its own.
+  image.save(buffer, fmt, quality=quality, compress_level=1)  # JPEG reads one, PNG the other.
   with Image.open(buffer) as reopened:
     reopened.load()
     return reopened
