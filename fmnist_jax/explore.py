@@ -55,7 +55,6 @@ def print_summary(arrays) -> None:
 def write_figures(arrays, workdir: str, out: str) -> list[str]:
   """Writes the tutorial's data figures (and the training curves, if any) into `out`."""
   from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
-  plots.use_headless_backend()
   images, labels = arrays['train']['image'], arrays['train']['label']
   paths = []
   for name, i in (('first', 0), ('middle', len(labels) // 2), ('last', len(labels) - 1)):

@@ -1,5 +1,5 @@
 """The tutorial's figures and a few more. Each function takes arrays and returns a Figure, shown
-inline in a notebook; the commands save them with `save()` under a headless backend."""
+inline in a notebook; the commands save them with `save()`. No pyplot: nothing needs a display."""
 
 import io
 import os
@@ -43,7 +43,6 @@ def training_curves_figure(workdir: str, out: str) -> str | None:
     return None
   if not history:
     return None
-  use_headless_backend()
   return save(training_curves(history), out, 'training_curves')
 
 
@@ -144,19 +143,17 @@ def confusion_matrix(matrix: np.ndarray) -> Figure:
   fig = Figure(figsize=(15, 6.5))
   normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
   for k, (values, title, fmt) in enumerate((
-      (matrix, 'Confusion matrix (counts)', '{:d}'),
-      (normalised, 'Row-normalised (fraction of each true class)', '{:.2f}'))):
+      (matrix, 'Confusion matrix (counts)', '.0f'),
+      (normalised, 'Row-normalised (fraction of each true class)', '.2f'))):
     ax = fig.add_subplot(1, 2, k + 1)
     ax.imshow(values, cmap='Blues')
     ax.set_xticks(range(10), CLASS_NAMES, rotation=45, ha='right')
     ax.set_yticks(range(10), CLASS_NAMES)
     ax.set(xlabel='predicted', ylabel='true', title=title)
     top = values.max()
-    for i in range(10):
-      for j in range(10):
-        v = values[i, j]
-        ax.text(j, i, fmt.format(int(v) if fmt == '{:d}' else v), ha='center', va='center',
-                fontsize=7, color='white' if v > top / 2 else 'black')
+    for (i, j), v in np.ndenumerate(values):
+      ax.text(j, i, format(v, fmt), ha='center', va='center', fontsize=7,
+              color='white' if v > top / 2 else 'black')
   fig.tight_layout()
   return fig
 

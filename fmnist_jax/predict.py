@@ -65,17 +65,14 @@ def evaluate_test_set(workdir: str, index: int = 0, figures_dir: str | None = ''
   out = workdir_lib.figures_folder(workdir, figures_dir)
   if out:
     from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
-    plots.use_headless_backend()
-    result['figures'] = [
-        plots.save(plots.prediction(images[index], probs[index], labels[index]), out,
-                   f'prediction_{index}'),
-        plots.save(plots.prediction(images[12], probs[12], labels[12]), out, 'prediction_12'),
-        plots.save(plots.prediction_grid(images, probs, labels), out, 'prediction_grid'),
-        plots.save(plots.single_prediction_bars(probs[index], labels[index]), out,
-                   'single_prediction'),
-        plots.save(plots.confusion_matrix(matrix), out, 'confusion_matrix'),
-        plots.save(plots.confident_mistakes(images, probs, labels), out, 'confident_mistakes'),
-    ]
+    figures = {
+        f'prediction_{index}': plots.prediction(images[index], probs[index], labels[index]),
+        'prediction_12': plots.prediction(images[12], probs[12], labels[12]),
+        'prediction_grid': plots.prediction_grid(images, probs, labels),
+        'single_prediction': plots.single_prediction_bars(probs[index], labels[index]),
+        'confusion_matrix': plots.confusion_matrix(matrix),
+        'confident_mistakes': plots.confident_mistakes(images, probs, labels)}
+    result['figures'] = [plots.save(fig, out, name) for name, fig in figures.items()]
     curves = plots.training_curves_figure(workdir, out)
     if curves:
       result['figures'].append(curves)
@@ -106,21 +103,16 @@ def classify_files(workdir: str, paths: list[str], as_json: bool = False,
   """Prints the top-3 classes of each image file and draws what the model saw; returns the number
   of files that failed (each told in one line, the others still classified)."""
   trained = _load(workdir)
-  loaded, failures = [], []
-  for path in paths:
-    try:
-      loaded.append((path, *images_lib.load_with_original(path)))
-    except images_lib.ImageFileError as e:
-      failures.append(str(e))
-      print(f'error: {_one_line(str(e))}', file=sys.stderr, flush=True)
+  loaded, failures = images_lib.load_all(paths, images_lib.load_with_original)
+  for failure in failures:
+    print(f'error: {_one_line(failure)}', file=sys.stderr, flush=True)
   results = []
   if loaded:
-    probs = trained.probs(np.stack([c for _, _, c in loaded]))
+    probs = trained.probs(np.stack([converted for _, (_, converted) in loaded]))
     out = workdir_lib.figures_folder(workdir, figures_dir)
     if out:
       from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
-      plots.use_headless_backend()
-    for k, ((path, original, converted), p) in enumerate(zip(loaded, probs)):
+    for k, ((path, (original, converted)), p) in enumerate(zip(loaded, probs)):
       top = np.argsort(-p)[:3]
       result = {'file': path, 'top3': [
           {'class': CLASS_NAMES[c], 'label': int(c), 'probability': float(p[c])} for c in top]}
@@ -152,7 +144,6 @@ def robustness_report(workdir: str, num_images: int = 300, figures_dir: str | No
   out = workdir_lib.figures_folder(workdir, figures_dir)
   if out:
     from fmnist_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
-    plots.use_headless_backend()
     report['figure'] = plots.save(plots.robustness(results), out, 'robustness')
   if as_json:
     print(json.dumps(report))

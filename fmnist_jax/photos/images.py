@@ -11,6 +11,7 @@ upright (the dataset's articles are upright and axis-aligned).
 
 import io
 import warnings
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -91,12 +92,8 @@ def to_rgb_or_gray(image: Image.Image) -> np.ndarray:
     return _gray_levels(image)
   if image.mode in ('1', 'L'):
     return np.asarray(image.convert('L'), dtype=np.float32)
-  has_alpha = image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (
-      image.mode == 'P' and 'transparency' in image.info)
-  if has_alpha:
-    rgba = image.convert('RGBA')
-    white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-    image = Image.alpha_composite(white, rgba)
+  if image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in image.info:
+    image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
   return np.asarray(image.convert('RGB'), dtype=np.float32)
 
 
@@ -151,8 +148,7 @@ def _box(mask: np.ndarray, pad: int = 0) -> tuple[slice, slice]:
 
 
 def _longest_side(mask: np.ndarray) -> int:
-  rows, cols = _box(mask)
-  return max(rows.stop - rows.start, cols.stop - cols.start)
+  return max(side.stop - side.start for side in _box(mask))
 
 
 def _drop_specks(mask: np.ndarray) -> np.ndarray:
@@ -183,16 +179,9 @@ def _sharp_extent(gray: np.ndarray, background_gray: np.ndarray, mask: np.ndarra
   Fashion-MNIST pixel (1/28 of its size), by more than twice the trim tolerance and by a good
   part of the darkness around it. The background floods the mask through the other pixels that a
   shadow could be, for at most a quarter of the article's size (so a faint part with a soft edge
-  loses its margin, not its inside).
-
-  Args:
-    gray, background_gray: the picture and its border model, float 0-255 [H, W].
-    mask: what differs from the background.
-    reach_around: how far (in Fashion-MNIST pixels) "around" reaches; 2 once a shadow is found,
-      so a shadow's sharper edge, weak beside the article's darkness two pixels away, goes too.
-
-  Returns:
-    The mask without the shadow; the mask itself when what would go is more than a shadow.
+  loses its margin, not its inside). When what would go is more than a shadow, the mask is kept.
+  `reach_around` (Fashion-MNIST pixels) is 2 once a shadow is found, so a shadow's sharper edge,
+  weak beside the article's darkness two pixels away, goes too.
   """
   size = _longest_side(mask)
   pixel = max(1.0, size / SIZE)  # One Fashion-MNIST pixel at this scale.
@@ -244,10 +233,10 @@ def _fill(values: np.ndarray, known: np.ndarray) -> np.ndarray:
   return np.where(known, values, up)
 
 
-def _shading(gray: np.ndarray, background_gray: np.ndarray, article: np.ndarray,
-             size: float) -> np.ndarray:
+def _shading(gray: np.ndarray, background_gray: np.ndarray, article: np.ndarray) -> np.ndarray:
   """The background's brightness over its border model (a shadow is below 1): a smooth field
   measured around the article and filled in under it from its surroundings."""
+  size = _longest_side(article)
   known = ~ndimage.binary_dilation(ndimage.binary_fill_holes(article),
                                    iterations=max(1, int(size / 56)))
   ratio = np.clip(gray / np.maximum(background_gray, 1), 0, 1.5)
@@ -274,14 +263,6 @@ def _resize_longest(crop: np.ndarray) -> np.ndarray:
   size = (max(1, min(SIZE, round(w * scale))), max(1, min(SIZE, round(h * scale))))
   resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
   return np.asarray(Image.fromarray(crop.astype(np.float32)).resize(size, resample))
-
-
-def _centre(small: np.ndarray) -> np.ndarray:
-  h, w = small.shape
-  canvas = np.zeros((SIZE, SIZE), np.float32)
-  top, left = (SIZE - h + 1) // 2, (SIZE - w + 1) // 2  # The dataset's odd margin goes first.
-  canvas[top:top + h, left:left + w] = small
-  return canvas
 
 
 def _tilt(article: np.ndarray, intensity: np.ndarray | None = None) -> float:
@@ -341,8 +322,7 @@ def conversion_steps(image: Image.Image) -> list[tuple[str, np.ndarray]]:
   gray = _gray(pixels)
   if pixels.shape[:2] == (SIZE, SIZE):  # Already Fashion-MNIST's size: kept pixel for pixel.
     if pixels.ndim == 3:  # Pillow's integer luma, so a gray RGB file gives its gray back exactly.
-      r, g, b = np.moveaxis(pixels.astype(np.uint32), 2, 0)
-      gray = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.float32)
+      gray = np.asarray(Image.fromarray(pixels.astype(np.uint8)).convert('L'), np.float32)
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     out = 255 - gray if np.median(border) > 127 else gray
     return steps + [('28x28', np.round(out).astype(np.uint8))]
@@ -360,8 +340,7 @@ def conversion_steps(image: Image.Image) -> list[tuple[str, np.ndarray]]:
   if (np.median(gray[mask] - background_gray[mask]) < 0 and
       _sharp_extent(gray, background_gray, mask).sum() < (1 - SHADOW_FOUND) * mask.sum()):
     article = _sharp_extent(gray, background_gray, mask, reach_around=2.0)  # Sharper parts too.
-    size = _longest_side(article)
-    background_gray = background_gray * _shading(gray, background_gray, article, size)
+    background_gray = background_gray * _shading(gray, background_gray, article)
     steps.append(('sharp-edged article', article))
     steps.append(('background and shadow', background_gray))
   filled = ndimage.binary_fill_holes(article)
@@ -377,16 +356,16 @@ def conversion_steps(image: Image.Image) -> list[tuple[str, np.ndarray]]:
   steps.append(('longest edge 28', small))
   sharp = np.clip(ndimage.correlate(small, SHARPEN, mode='nearest'), 0, 255)
   steps.append(('sharpened', sharp))
-  steps.append(('centred 28x28', np.round(_centre(sharp)).astype(np.uint8)))
+  h, w = sharp.shape
+  top, left = (SIZE - h + 1) // 2, (SIZE - w + 1) // 2  # The dataset's odd margin goes first.
+  centred = np.pad(sharp, ((top, SIZE - h - top), (left, SIZE - w - left)))
+  steps.append(('centred 28x28', np.round(centred).astype(np.uint8)))
   return steps
 
 
 def to_fashion_mnist(image: Image.Image) -> np.ndarray:
-  """Converts any PIL image to uint8 [28, 28] the way Fashion-MNIST's images were made.
-
-  The object is what stands out from a background modelled on the picture's border by more than
-  the dataset's 5% or the border's noise. A 28x28 picture is kept as it is (inverted only if its
-  background is light).
+  """Converts any PIL image to uint8 [28, 28] the way Fashion-MNIST's images were made (a 28x28
+  picture is kept as it is, inverted only if its background is light).
 
   Raises:
     ImageFileError: nothing stands out from the background.
@@ -420,10 +399,10 @@ def _open(path: str) -> Image.Image:
 
 
 def load_with_original(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """Reads an image file: (the picture as uint8 gray or RGB for display, uint8 [28, 28]).
+  """Reads an image file: (the picture for display, uint8 [28, 28]).
 
-  The picture is upright (EXIF orientation applied), composited on white if transparent, and
-  reduced to at most WORK_SIZE pixels on its longest side.
+  The picture is uint8 gray or RGB, upright (EXIF), on white if transparent, and at most
+  WORK_SIZE pixels on its longest side.
 
   Raises:
     ImageFileError: one line naming the file, when it is missing, unreadable or blank.
@@ -441,13 +420,14 @@ def load(path: str) -> np.ndarray:
   return load_with_original(path)[1]
 
 
-def load_all(paths) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
-  """Reads many files: ([(path, uint8 [28, 28]), ...] in order, one-line errors of the others);
-  a bad file does not stop the others, a file named twice is read twice."""
+def load_all(paths, read=load) -> tuple[list[tuple[str, Any]], list[str]]:
+  """Reads many files with `read` (`load` or `load_with_original`): ([(path, what it returned),
+  ...] in order, one-line errors of the others); a bad file does not stop the others, a file
+  named twice is read twice."""
   loaded, errors = [], []
   for path in paths:
     try:
-      loaded.append((path, load(path)))
+      loaded.append((path, read(path)))
     except ImageFileError as e:
       errors.append(str(e))
   return loaded, errors
