@@ -143,10 +143,9 @@ def export_all(config, platforms, devices: int, out: str, workdir: str | None = 
     programs = training_programs(config, mesh)
     for platform in platforms:
       for name, program in programs.items():
-        exported = export_flat(program, (platform,))
         label = {'train_chunk': 'state', 'evaluate': 'params'}.get(name, '')
-        write(name, platform, n, exported, len(jax.tree.leaves(program.args[0])) if label else 0,
-              label)
+        skip = len(jax.tree.leaves(program.args[0])) if label else 0
+        write(name, platform, n, export_flat(program, (platform,)), skip, label)
     serve_platforms = tuple(dict.fromkeys(('cpu', *platforms)))
     write('predict', '_'.join(serve_platforms), n,
           export_predict(model, graphdef, params, serve_platforms, mesh))
