@@ -24,6 +24,7 @@ PROBE = ('import jax; d = jax.devices(); '
          'print(jax.default_backend(), len(d), d[0].device_kind, sep="|")')
 # libtpu's words when another process holds the TPU (checked against libtpu.so in CI).
 TPU_HELD = re.compile(r'TPU is already in use by (?:process with pid (\d+)|another process)')
+NO_TPU = 'this runtime has no TPU: Runtime → Change runtime type → TPU.'
 PLUGINS = ('libtpu', 'jax-cuda12-plugin', 'jax-cuda13-plugin')
 # Each command runs under this supervisor, the leader of its own process group: a stop signal (an
 # interrupted cell, or the kernel's end) goes to the whole group, the benchmark's peer processes
@@ -140,7 +141,7 @@ def check_accelerator(cwd: str, accept_cpu: bool = False, probe: str = PROBE) ->
       raise Stop(f'JAX runs on the CPU although {plugin} {version(plugin)} is installed: it does '
                  f'not match jax {version("jax")}; Runtime → Disconnect and delete runtime, then '
                  'run all cells again.')
-    raise Stop('this runtime has no TPU: Runtime → Change runtime type → TPU.')
+    raise Stop(NO_TPU)
   print(f'{backend}: {devices} x {kind}')
   return backend, int(devices), kind, version('jax')
 
@@ -152,7 +153,7 @@ def first_check(cwd: str, accept_cpu: bool = False):
     return check_accelerator(cwd, accept_cpu)
   devices = ('/dev/accel0', '/dev/vfio/0', '/dev/nvidia0')  # TPU v4 and older, TPU v5+, GPU.
   if not accept_cpu and not any(os.path.exists(p) for p in devices):
-    raise Stop('this runtime has no TPU: Runtime → Change runtime type → TPU.')
+    raise Stop(NO_TPU)
   return None
 
 

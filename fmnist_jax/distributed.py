@@ -5,6 +5,7 @@ and optimizer state are replicated. With one device every sharding is trivial an
 """
 
 import contextlib
+import functools
 import importlib.util
 import os
 import sys
@@ -47,24 +48,20 @@ def initialize(dist_config) -> None:
 _ACCELERATOR_PLATFORMS = ('tpu', 'cuda', 'gpu', 'rocm')
 _ACCELERATOR_PACKAGES = (('libtpu', 'TPU'), ('jax_cuda12_plugin', 'CUDA GPU'),
                          ('jax_cuda13_plugin', 'CUDA GPU'))
-_backends_started = False
 
 
+@functools.cache  # Once per process: train.py and the trainer both initialize.
 def start_backends() -> None:
   """Starts JAX's backends: a platform that JAX_PLATFORMS names and that cannot start is a
   UserError; a fall back to the CPU where an accelerator was expected is said in one line (what
   the libraries print about it is kept back unless --verbosity=0: cli.quiet_frameworks)."""
-  global _backends_started
-  if _backends_started:
-    return
-  _backends_started = True
   try:
     backend = jax.default_backend()
   except RuntimeError as e:  # JAX_PLATFORMS names a platform that cannot start.
     raise UserError(f'{" ".join(str(e).split())}; --verbosity=0 shows the libraries\' own '
                     'messages.') from None
   expected = expected_accelerators()
-  if backend == 'cpu' and expected and jax.process_index() == 0:
+  if backend == 'cpu' and expected and is_main_process():
     print(f'warning: no {" or ".join(expected)} could be used; running on the CPU (--verbosity=0 '
           'shows why).', file=sys.stderr, flush=True)
 

@@ -13,16 +13,12 @@ if __name__ == '__main__':  # The command's first instruction: Ctrl-C and SIGTER
   signals.install()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 
-import sys
-
 from absl import flags
 from ml_collections import config_flags
 
 from fmnist_jax import cli
 from fmnist_jax.hardware import compile_check, lowering
 
-# JAX is imported only once main runs: the host device count and the compilers' settings must be
-# in the environment before JAX loads.
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file, e.g. configs/base.py; override fields with '
     '--config.num_models=8 etc.', lock_config=True)
@@ -45,7 +41,11 @@ _STREAM_CHUNK = flags.DEFINE_bool('stream_chunk', True, "With --tpu/--gpu and th
 
 def main(argv):
   del argv
+  # Before JAX loads (nothing has imported it yet): the host devices and the compilers' settings.
+  if _DEVICES.value > 1:
+    lowering.set_xla_flag('xla_force_host_platform_device_count', _DEVICES.value)
   if _TPU.value or _GPU.value:
+    compile_check.compile_env(gpu=bool(_GPU.value))
     compile_check.check(_CONFIG.value, _TPU.value, _GPU.value, _OUT.value, _STREAM_CHUNK.value)
     if not flags.FLAGS['platforms'].present:
       return
@@ -53,18 +53,5 @@ def main(argv):
                       _DEVICES.value, _OUT.value, _WORKDIR.value)
 
 
-def _environment(argv) -> None:
-  """What must be set before JAX loads: --devices' host device count, the compilers' settings."""
-  for i, arg in enumerate(argv):
-    value = arg.split('=', 1)[1] if arg.startswith('--devices=') else (
-        argv[i + 1] if arg == '--devices' and i + 1 < len(argv) else None)
-    if value is not None and value.isdigit() and int(value) > 1:
-      lowering.set_host_device_count(int(value))
-  compilers = [a for a in argv if a.startswith(('--tpu', '--gpu'))]
-  if compilers:
-    compile_check.compile_env(gpu=any(a.startswith('--gpu') for a in compilers))
-
-
 if __name__ == '__main__':
-  _environment(sys.argv)
   cli.run(main, config_flags_to_load=('config',))

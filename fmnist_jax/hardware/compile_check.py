@@ -7,6 +7,7 @@ bytes. `check` writes tpu_compile.json / gpu_compile.json, one record per target
 prints a table, and fails in one line when a program does not fit its device's memory.
 """
 
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -16,10 +17,9 @@ import time
 from fmnist_jax import config as config_lib
 from fmnist_jax.errors import UserError
 from fmnist_jax.hardware import targets
-from fmnist_jax.hardware.lowering import cpu_devices, dataset_programs, set_host_device_count
+from fmnist_jax.hardware.lowering import cpu_devices, dataset_programs, set_xla_flag
 from fmnist_jax.run import workdir as workdir_lib
 
-TPU_FILE, GPU_FILE = 'tpu_compile.json', 'gpu_compile.json'
 TPU_FIX = "pip install -e '.[tpu]'"
 GPU_FIX = "pip install -e '.[cuda12]'"
 
@@ -183,34 +183,28 @@ def check(config, tpus, gpus, out: str, stream_chunk: bool = True,
   """Compiles for every TPU topology and GPU named, writes OUT/tpu_compile.json and
   OUT/gpu_compile.json, prints their tables, then fails if a program does not fit its device."""
   tpu_targets = [targets.parse_tpu(t) for t in tpus]
-  gpu_targets = targets.parse_gpus(gpus)
+  machines = [(gpu, count) for gpu in targets.parse_gpus(gpus) for count in gpu.machine_sizes]
   # The plain mistakes first, before loading any compiler.
   for target in tpu_targets:
     config_lib.check_divisible(config.batch_size, target.devices, f'--tpu {target.name}')
-  for gpu in gpu_targets:
-    for count in gpu.machine_sizes:
-      config_lib.check_divisible(config.batch_size, count, f'{count} x {gpu.name}')
+  for gpu, count in machines:
+    config_lib.check_divisible(config.batch_size, count, f'{count} x {gpu.name}')
   out = workdir_lib.check_writable(out, 'output folder', 'choose another --out')
+  compiles = {'tpu': [functools.partial(compile_tpu, config, t) for t in tpu_targets],
+              'gpu': [functools.partial(compile_gpu, config, g, n) for g, n in machines]}
+  capacities = {'tpu': tpu_capacity, 'gpu': gpu_capacity}
   results = {}
-  kinds = (('tpu', TPU_FILE, tpu_capacity, tpu_targets), ('gpu', GPU_FILE, gpu_capacity,
-                                                          gpu_targets))
-  for kind, file, capacity, named in kinds:
-    if not named:
-      continue
-    records = []
-    for target in named:
-      if kind == 'tpu':
-        records += compile_tpu(config, target, stream_chunk, log=log)
-      else:
-        for count in target.machine_sizes:
-          records += compile_gpu(config, target, count, stream_chunk, log=log)
-    with open(os.path.join(out, file), 'w') as f:
-      json.dump(records, f, indent=1)
-    log(format_table(records, kind, capacity))
-    log(f'compile: wrote {os.path.join(out, file)}')
-    results[kind] = records
-  for kind, _, capacity, _ in kinds:
-    targets.check_memory(results.get(kind, []), capacity)
+  for kind, calls in compiles.items():
+    if calls:  # Each kind's file is written before the next compiles: a failure there keeps it.
+      records = [r for call in calls for r in call(stream_chunk, log=log)]
+      path = os.path.join(out, f'{kind}_compile.json')
+      with open(path, 'w') as f:
+        json.dump(records, f, indent=1)
+      log(format_table(records, kind, capacities[kind]))
+      log(f'compile: wrote {path}')
+      results[kind] = records
+  for kind, records in results.items():
+    targets.check_memory(records, capacities[kind])
   return results
 
 
@@ -222,8 +216,7 @@ def compile_env(gpu: bool) -> None:
   # client owns none, and two of them (CI beside a test, two users) must not fail on the lock.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   if gpu:
-    set_host_device_count(8)  # The CPU compile that counts an 8-GPU program's flops and bytes.
+    # The CPU compile that counts an 8-GPU program's flops and bytes needs 8 CPU devices.
+    set_xla_flag('xla_force_host_platform_device_count', 8)
     # Compiling without the GPU cannot autotune (jax 0.7's plugin fails trying, the newest skips).
-    current = os.environ.get('XLA_FLAGS', '')
-    if 'xla_gpu_autotune_level' not in current:
-      os.environ['XLA_FLAGS'] = f'{current} --xla_gpu_autotune_level=0'.strip()
+    set_xla_flag('xla_gpu_autotune_level', 0)

@@ -8,7 +8,6 @@ inside the functions: the host device count in XLA_FLAGS must be set first.
 
 import dataclasses
 import os
-import sys
 
 from fmnist_jax import IMAGE_SIZE
 from fmnist_jax import config as config_lib
@@ -19,14 +18,11 @@ PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 SUFFIX = '.jaxexport'
 
 
-def set_host_device_count(n: int) -> None:
-  """Asks XLA for n CPU devices; takes effect only if JAX has not been imported yet."""
-  if 'jax' in sys.modules:
-    return
-  flag = f'--xla_force_host_platform_device_count={n}'
+def set_xla_flag(name: str, value) -> None:
+  """Adds --name=value to XLA_FLAGS, which XLA reads when JAX starts, unless XLA_FLAGS sets it."""
   current = os.environ.get('XLA_FLAGS', '')
-  if 'xla_force_host_platform_device_count' not in current:
-    os.environ['XLA_FLAGS'] = f'{current} {flag}'.strip()
+  if name not in current:
+    os.environ['XLA_FLAGS'] = f'{current} --{name}={value}'.strip()
 
 
 def cpu_devices(count: int) -> list:
@@ -65,13 +61,11 @@ def dataset_programs(config, mesh, stream_chunk: bool = True, names=None) -> dic
   return {name: progs[name] for name in wanted if name in progs}
 
 
-EXPORTED = ('train_chunk', 'shuffle', 'evaluate')  # The training programs written out.
-
-
 def training_programs(config, mesh) -> dict:
   """{name: programs.Program} of the trainer's programs on `mesh`: the very construction the
   trainer compiles (fmnist_jax/programs.py), for the full Fashion-MNIST splits."""
-  return dataset_programs(config, mesh, stream_chunk=False, names=EXPORTED)
+  return dataset_programs(config, mesh, stream_chunk=False,
+                          names=('train_chunk', 'shuffle', 'evaluate'))
 
 
 def export_flat(program, platforms):
@@ -149,10 +143,9 @@ def export_all(config, platforms, devices: int, out: str, workdir: str | None = 
     programs = training_programs(config, mesh)
     for platform in platforms:
       for name, program in programs.items():
-        exported = export_flat(program, (platform,))
         label = {'train_chunk': 'state', 'evaluate': 'params'}.get(name, '')
-        write(name, platform, n, exported, len(jax.tree.leaves(program.args[0])) if label else 0,
-              label)
+        skip = len(jax.tree.leaves(program.args[0])) if label else 0
+        write(name, platform, n, export_flat(program, (platform,)), skip, label)
     serve_platforms = tuple(dict.fromkeys(('cpu', *platforms)))
     write('predict', '_'.join(serve_platforms), n,
           export_predict(model, graphdef, params, serve_platforms, mesh))

@@ -8,6 +8,7 @@ No JAX here, only tables and numbers.
     gpu.spec['memory_bandwidth']      # 320e9 bytes/s, parsed from that description
 """
 
+import ast
 import dataclasses
 import math
 import re
@@ -90,7 +91,7 @@ class GpuTarget:
   """A GPU as XLA:GPU sees it: a GpuTargetConfigProto in text form, and the machine sizes."""
   name: str
   target_config: str
-  machine_sizes: tuple[int, ...]  # GPUs per machine to compile for: 1, and 8 where sold so.
+  machine_sizes: tuple[int, ...] = (1, 8)  # GPUs per machine to compile for: 1, 8 where sold so.
 
   @property
   def spec(self) -> dict:
@@ -114,14 +115,7 @@ def parse_gpu_spec(text: str) -> dict:
   before those of its compute capability)."""
   fields = {}
   for name, value in _FIELD.findall(text):
-    if name in fields:
-      continue
-    if value.startswith('"'):
-      fields[name] = value[1:-1]
-    elif re.fullmatch(r'[-+]?[0-9]+', value):
-      fields[name] = int(value)
-    else:
-      fields[name] = float(value)
+    fields.setdefault(name, ast.literal_eval(value))
   return fields
 
 
@@ -167,6 +161,11 @@ device_description_str: "{name}"
 '''
 
 
+# The chip of the two A100s, and of the H100 and H200 (each pair differs in memory only).
+_A100 = dict(sm=(8, 0), cores=108, fpus=64, smem_core=167936, smem_optin=166912,
+             threads_core=2048, l2=41943040, clock=1.41)
+_H100 = dict(sm=(9, 0), cores=132, fpus=128, smem_core=233472, smem_optin=232448,
+             threads_core=2048, l2=52428800, clock=1.98)
 GPUS = {
     # Colab's free GPU. No XLA spec file: NVIDIA's T4 datasheet (2,560 CUDA cores = 40 SMs x 64,
     # 320 GB/s GDDR6, 1.59 GHz boost) and the Turing tuning guide (64 KiB shared memory and 1,024
@@ -179,26 +178,17 @@ GPUS = {
     # SM); memory as CUDA reports it (23,034 MiB of the 24 GB). Google's g2-standard-96 has 8.
     'l4': GpuTarget('l4', _gpu_config(
         sm=(8, 9), cores=58, fpus=128, smem_core=102400, smem_optin=101376, threads_core=1536,
-        bandwidth=300e9, l2=48 * 2**20, clock=2.04, memory=23034 * 2**20, name='NVIDIA L4'),
-        (1, 8)),
+        bandwidth=300e9, l2=48 * 2**20, clock=2.04, memory=23034 * 2**20, name='NVIDIA L4')),
     # The rest: XLA's spec files, github.com/openxla/xla xla/backends/gpu/target_config/specs/
     # (a100_sxm_40.txtpb, a100_sxm_80.txtpb, h100_sxm.txtpb, h200.txtpb), their device fields.
-    'a100': GpuTarget('a100', _gpu_config(
-        sm=(8, 0), cores=108, fpus=64, smem_core=167936, smem_optin=166912, threads_core=2048,
-        bandwidth=1555200000000, l2=41943040, clock=1.41, memory=42331013120,
-        name='NVIDIA A100-SXM4-40GB'), (1, 8)),
-    'a100-80': GpuTarget('a100-80', _gpu_config(
-        sm=(8, 0), cores=108, fpus=64, smem_core=167936, smem_optin=166912, threads_core=2048,
-        bandwidth=2039040000000, l2=41943040, clock=1.41, memory=85100068864,
-        name='NVIDIA A100-SXM4-80GB'), (1, 8)),
-    'h100': GpuTarget('h100', _gpu_config(
-        sm=(9, 0), cores=132, fpus=128, smem_core=233472, smem_optin=232448, threads_core=2048,
-        bandwidth=3352320000000, l2=52428800, clock=1.98, memory=84942979072,
-        name='NVIDIA H100 80GB HBM3'), (1, 8)),
-    'h200': GpuTarget('h200', _gpu_config(
-        sm=(9, 0), cores=132, fpus=128, smem_core=233472, smem_optin=232448, threads_core=2048,
-        bandwidth=4800000000000, l2=52428800, clock=1.98, memory=151397597184,
-        name='NVIDIA H200 141GB HBM3e'), (1, 8)),
+    'a100': GpuTarget('a100', _gpu_config(**_A100, bandwidth=1555200000000, memory=42331013120,
+                                          name='NVIDIA A100-SXM4-40GB')),
+    'a100-80': GpuTarget('a100-80', _gpu_config(**_A100, bandwidth=2039040000000,
+                                                memory=85100068864, name='NVIDIA A100-SXM4-80GB')),
+    'h100': GpuTarget('h100', _gpu_config(**_H100, bandwidth=3352320000000, memory=84942979072,
+                                          name='NVIDIA H100 80GB HBM3')),
+    'h200': GpuTarget('h200', _gpu_config(**_H100, bandwidth=4800000000000, memory=151397597184,
+                                          name='NVIDIA H200 141GB HBM3e')),
 }
 
 
