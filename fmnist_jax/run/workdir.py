@@ -241,17 +241,14 @@ def move_aside(workdir: str, source: str, label: str) -> str:
     WorkdirError: one line when it cannot be moved; `source` is then left as it was.
   """
   aside = path(workdir, DAMAGED)
-  created = False
+  created = _check_owned(workdir, DAMAGED) is None
   try:
-    os.mkdir(aside, 0o755)
-    created = True
-  except FileExistsError:
-    pass
+    if created:
+      os.mkdir(aside, 0o755)
   except OSError as e:
     raise storage_error(e, workdir) or WorkdirError(
         f'{aside} cannot be created ({e.strerror}); fix the permissions of {workdir} and run the '
         'same command again.') from None
-  _check_owned(workdir, DAMAGED)
   base = os.path.join(aside, f'{label}-{int(time.time())}')
   target, n = base, 0
   while os.path.lexists(target):  # rename() would silently replace an empty folder there.
