@@ -168,12 +168,8 @@ def check_writable(folder: str, what: str, fix: str, error=None) -> str:
 
 
 def prepare(workdir: str, fresh: bool = False) -> str:
-  """Checks `workdir` and returns it absolute, creating it (the only write) when it is new.
-
-  Every check comes before anything is written: not the root nor the home folder; a writable
-  folder; each name of NAMES absent or of its kind, and no link that a write or a deletion would
-  follow; no link or special file inside an emptied folder; and a folder of other files but no
-  run (no config.json) used only with `fresh`, which touches only this project's names.
+  """Checks `workdir` before anything is written (docs/reliability.md, 'A workdir that cannot be
+  turned against itself') and returns it absolute, creating it (the only write) when it is new.
 
   Raises:
     WorkdirError: one line naming the problem and the fix.
@@ -450,12 +446,8 @@ def _command(pid: int) -> str:
 
 
 class Lock:
-  """An exclusive lock on <workdir>/.lock for the life of a training.
-
-  The kernel releases a flock when its holder dies, so a stale lock never blocks the next run.
-  The holder writes its pid and host in the file; a refusal names them only when they are the
-  live holder's (a killed run's record stays behind; a stranger may hold the lock unnamed).
-  """
+  """An exclusive flock on <workdir>/.lock for the life of a training, naming its holder only
+  when checked against the live one (docs/reliability.md, 'One writer per workdir')."""
 
   def __init__(self, workdir: str):
     self._workdir = workdir
