@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from fmnist_jax import distributed
 from fmnist_jax.run import workdir as workdir_lib
@@ -36,24 +37,14 @@ def _names(path) -> tuple[str, ...]:
 
 def as_tree(state) -> dict:
   """The state as nested dicts of its arrays, named by its own fields."""
-  tree = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    *parents, last = _names(path)
-    node = tree
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[last] = leaf
-  return tree
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  return traverse_util.unflatten_dict({_names(path): leaf for path, leaf in leaves})
 
 
 def from_tree(tree: dict, template):
   """The inverse of as_tree, given a state of the same structure."""
-  leaves = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(template)[0]:
-    node = tree
-    for name in _names(path):
-      node = node[name]
-    leaves.append(node)
+  flat = traverse_util.flatten_dict(tree)
+  leaves = [flat[_names(path)] for path, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
 
 

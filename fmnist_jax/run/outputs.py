@@ -200,17 +200,15 @@ def prediction_strip(images, probs, labels, scale: int = 3):
   for TensorBoard, a cheap stand-in for the matplotlib grid (most of a second to draw)."""
   tiles = []
   for image, p, label in zip(images, probs, labels):
-    right = int(np.argmax(p)) == int(label)
-    color = np.array([31, 119, 180] if right else [214, 39, 40], np.uint8)
+    guess = int(np.argmax(p))
+    color = np.array([31, 119, 180] if guess == int(label) else [214, 39, 40], np.uint8)
     tile = np.full((34, 30, 3), 255, np.uint8)
     tile[:30] = color
     tile[1:29, 1:29] = (255 - image)[..., None]
-    bars = np.full((4, 30, 3), 255, np.uint8)
-    for k in range(10):
+    for k in range(10):  # The bars, below the image: 4 pixels for a probability of 1.
       height = int(round(4 * float(p[k])))
       if height:
-        bars[4 - height:, 3 * k:3 * k + 2] = color if k == int(np.argmax(p)) else 120
-    tile[30:] = bars
+        tile[34 - height:, 3 * k:3 * k + 2] = color if k == guess else 120
     tiles.append(tile)
   strip = np.concatenate(tiles, axis=1)
   return strip.repeat(scale, axis=0).repeat(scale, axis=1)
@@ -240,22 +238,16 @@ def devices_text(summary: dict) -> str:
   return f'{summary["devices"]} {summary["backend"]} device(s){hosts}'
 
 
-def flops_text(summary: dict) -> str:
-  """', 1.23 GFLOP/s' and ', MFU 12.3%' where known."""
-  rate = summary.get('flops_per_second')
-  if not rate:
-    return ''
-  mfu = summary.get('mfu')
-  return f', {rate / 1e9:.1f} GFLOP/s' + (f', MFU {100 * mfu:.1f}%' if mfu else '')
-
-
 def result_line(summary: dict) -> str:
   """The result: accuracy (mean and ensemble with several models), time, FLOP/s and devices."""
   timing = (f'{summary["steps"]} steps, training {summary["train_seconds"]:.2f} s, compile '
             f'{summary["compile_seconds"]:.2f} s')
   if summary.get('total_seconds') is not None:
     timing += f', total {summary["total_seconds"]:.2f} s'
-  timing += f'{flops_text(summary)}, {devices_text(summary)}'
+  rate, mfu = summary.get('flops_per_second'), summary.get('mfu')
+  if rate:
+    timing += f', {rate / 1e9:.1f} GFLOP/s' + (f', MFU {100 * mfu:.1f}%' if mfu else '')
+  timing += f', {devices_text(summary)}'
   if 'models' in summary:
     m = summary['models']
     return (f'Test accuracy of {summary["num_models"]} models: mean {m["test_accuracy_mean"]:.4f}'

@@ -50,6 +50,9 @@ NAMES = {
 # Temporary files of an interrupted write_atomic at a replaced name (and earlier `<name>.tmp`).
 _REPLACED = '|'.join(re.escape(name) for name, owned in NAMES.items() if owned.replaced)
 _LEFTOVER = re.compile(rf'\.?({_REPLACED})(\..*)?\.tmp')
+_KINDS = {stat.S_IFREG: 'file', stat.S_IFDIR: 'folder', stat.S_IFLNK: 'symbolic link',
+          stat.S_IFIFO: 'fifo', stat.S_IFSOCK: 'socket', stat.S_IFCHR: 'character device',
+          stat.S_IFBLK: 'block device'}
 # Errors that mean "the storage refuses more data", not "the program is wrong".
 STORAGE_ERRNOS = {errno.ENOSPC: 'no space left on', errno.EDQUOT: 'disk quota exceeded on',
                   errno.EROFS: 'read-only filesystem on'}
@@ -65,13 +68,7 @@ def path(workdir: str, name: str) -> str:
 
 def kind(mode: int) -> str:
   """'file', 'folder', 'symbolic link', 'fifo', ... for an st_mode."""
-  for test, name in ((stat.S_ISREG, 'file'), (stat.S_ISDIR, 'folder'),
-                     (stat.S_ISLNK, 'symbolic link'), (stat.S_ISFIFO, 'fifo'),
-                     (stat.S_ISSOCK, 'socket'), (stat.S_ISCHR, 'character device'),
-                     (stat.S_ISBLK, 'block device')):
-    if test(mode):
-      return name
-  return 'special file'
+  return _KINDS.get(stat.S_IFMT(mode), 'special file')
 
 
 def check_kind(file: str, expected: str, fix: str, error=None, show_target: bool = False,
@@ -86,7 +83,7 @@ def check_kind(file: str, expected: str, fix: str, error=None, show_target: bool
   error, label = error or WorkdirError, label or file
   try:
     st = os.stat(file) if follow else os.lstat(file)
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):  # Nothing there (or a file on the way).
     return None
   except OSError as e:
     raise error(f'{label} cannot be examined ({e.strerror}); {fix}.') from None
@@ -117,9 +114,9 @@ def _open_regular(file: str, flags: int, fix: str, error=WorkdirError) -> int:
 def _check_owned(workdir: str, name: str) -> os.stat_result | None:
   """check_kind for a name of the table, with its own fix; a link at a replaced file is fine."""
   owned, file = NAMES[name], path(workdir, name)
-  if owned.replaced and os.path.islink(file):
-    return os.lstat(file)  # Replaced by a rename at the next write, never read or written through.
   if os.path.islink(file):
+    if owned.replaced:  # Replaced by a rename at the next write, never read or written through.
+      return os.lstat(file)
     target = os.path.normpath(os.path.join(workdir, os.readlink(file)))
     fix = ('the training writes and deletes only inside its workdir: ' + (
         f'put the folder itself there (rm {file} && mv {target} {file}) or use another --workdir'
@@ -156,12 +153,11 @@ def check_local(workdir: str) -> None:
 
 
 def check_writable(folder: str, what: str, fix: str, error=None) -> str:
-  """Creates `folder` if needed; a file, an uncreatable or an unwritable folder raises `error`
-  (a UserError class, default WorkdirError) naming `what` and the `fix`."""
+  """Creates `folder` if needed (a link to a folder is followed: the user's choice); not a folder,
+  uncreatable or unwritable raises `error` (default WorkdirError) naming `what` and the `fix`."""
   error = error or WorkdirError
   folder = os.path.abspath(folder)
-  if os.path.exists(folder) and not os.path.isdir(folder):
-    raise error(f'{what} {folder} is a file, not a folder; {fix}.')
+  check_kind(folder, 'folder', fix, error, follow=True, label=f'{what} {folder}')
   try:
     os.makedirs(folder, exist_ok=True)
   except OSError as e:
@@ -171,39 +167,22 @@ def check_writable(folder: str, what: str, fix: str, error=None) -> str:
   return folder
 
 
-def _refuse_shared_folders(folder: str) -> None:
-  """The filesystem root and the home folder are never a run's folder, even with --fresh."""
-  real = os.path.realpath(folder)
-  if real == os.sep:
-    raise WorkdirError(f'--workdir {folder} is the filesystem root; give a run a folder of its '
-                       'own, e.g. --workdir workdirs/base.')
-  home = os.path.expanduser('~')
-  if home != '~' and real == os.path.realpath(home):
-    raise WorkdirError(f'--workdir {folder} is your home folder; give a run a folder of its own, '
-                       f'e.g. --workdir {os.path.join(home, "workdirs", "base")}.')
-
-
-def _foreign(names: Iterable[str]) -> list[str]:
-  """The names in a workdir that are not this project's."""
-  return sorted(n for n in names if n not in NAMES and not _LEFTOVER.fullmatch(n))
-
-
 def prepare(workdir: str, fresh: bool = False) -> str:
-  """Checks `workdir` and returns it absolute, creating it (the only write) when it is new.
-
-  Every check comes before anything is written: not the root nor the home folder; a writable
-  folder; each name of NAMES absent or of its kind, and no link that a write or a deletion would
-  follow; no link or special file inside an emptied folder; and a folder of other files but no
-  run (no config.json) used only with `fresh`, which touches only this project's names.
+  """Checks `workdir` before anything is written (docs/reliability.md, 'A workdir that cannot be
+  turned against itself') and returns it absolute, creating it (the only write) when it is new.
 
   Raises:
     WorkdirError: one line naming the problem and the fix.
   """
   check_local(workdir)
   folder = os.path.abspath(workdir)
-  _refuse_shared_folders(folder)
-  # A link at the workdir itself is the user's choice: followed.
-  check_kind(folder, 'folder', 'choose another --workdir', follow=True, label=f'workdir {folder}')
+  real, home = os.path.realpath(folder), os.path.expanduser('~')
+  if real == os.sep:
+    raise WorkdirError(f'--workdir {folder} is the filesystem root; give a run a folder of its '
+                       'own, e.g. --workdir workdirs/base.')
+  if home != '~' and real == os.path.realpath(home):
+    raise WorkdirError(f'--workdir {folder} is your home folder; give a run a folder of its own, '
+                       f'e.g. --workdir {os.path.join(home, "workdirs", "base")}.')
   check_writable(folder, 'workdir', 'choose another --workdir')  # Creates it when new.
   try:
     names = os.listdir(folder)
@@ -214,7 +193,7 @@ def prepare(workdir: str, fresh: bool = False) -> str:
   for name, owned in NAMES.items():
     if owned.emptied and found[name] is not None:
       _check_inside(path(folder, name))
-  others = _foreign(names)
+  others = sorted(n for n in names if n not in NAMES and not _LEFTOVER.fullmatch(n))
   if others and found[CONFIG] is None and not fresh:
     shown = ', '.join(others[:3]) + (f' and {len(others) - 3} more' if len(others) > 3 else '')
     raise WorkdirError(f'workdir {folder} holds other files ({shown}) and no run of this project '
@@ -258,17 +237,14 @@ def move_aside(workdir: str, source: str, label: str) -> str:
     WorkdirError: one line when it cannot be moved; `source` is then left as it was.
   """
   aside = path(workdir, DAMAGED)
-  created = False
+  created = _check_owned(workdir, DAMAGED) is None
   try:
-    os.mkdir(aside, 0o755)
-    created = True
-  except FileExistsError:
-    pass
+    if created:
+      os.mkdir(aside, 0o755)
   except OSError as e:
     raise storage_error(e, workdir) or WorkdirError(
         f'{aside} cannot be created ({e.strerror}); fix the permissions of {workdir} and run the '
         'same command again.') from None
-  _check_owned(workdir, DAMAGED)
   base = os.path.join(aside, f'{label}-{int(time.time())}')
   target, n = base, 0
   while os.path.lexists(target):  # rename() would silently replace an empty folder there.
@@ -368,9 +344,8 @@ def read_regular(file: str, fix: str, error=None, follow: bool = False) -> bytes
   """The bytes of the regular file at `file` (or where its link leads, with `follow`); a fifo, a
   socket or a device is never opened. `error` (default WorkdirError) names `fix` otherwise."""
   error = error or WorkdirError
-  if check_kind(file, 'file', fix, error, follow=follow) is None:
-    raise error(f'{file} cannot be read ({os.strerror(errno.ENOENT)}); {fix}.')
-  try:
+  check_kind(file, 'file', fix, error, follow=follow)
+  try:  # Absent: the open's own error, 'cannot be read (No such file or directory)'.
     flags = os.O_RDONLY | (0 if follow else os.O_NOFOLLOW)
     with os.fdopen(_open_regular(file, flags, fix, error), 'rb') as f:
       return f.read()
@@ -471,12 +446,8 @@ def _command(pid: int) -> str:
 
 
 class Lock:
-  """An exclusive lock on <workdir>/.lock for the life of a training.
-
-  The kernel releases a flock when its holder dies, so a stale lock never blocks the next run.
-  The holder writes its pid and host in the file; a refusal names them only when they are the
-  live holder's (a killed run's record stays behind; a stranger may hold the lock unnamed).
-  """
+  """An exclusive flock on <workdir>/.lock for the life of a training, naming its holder only
+  when checked against the live one (docs/reliability.md, 'One writer per workdir')."""
 
   def __init__(self, workdir: str):
     self._workdir = workdir
@@ -524,7 +495,6 @@ class Lock:
     """The refusal, naming the holder's record once checked against the live holder (a new holder
     may be writing it: read a few times)."""
     st = os.fstat(fd)
-    holders = None
     for attempt in range(5):
       if attempt:
         time.sleep(0.05)
