@@ -136,10 +136,10 @@ def _lines(path) -> int:
 def test_a_newcomer_reads_the_trainer_in_one_sitting():
   """The shape: a core (model, metrics, steps, programs, plan, loop) of at most 1,000 lines; at
   most 20 modules at the top and at least 3 subpackages; module docstrings of at most 12 lines; a
-  README of at most 300 lines, the depth in docs/; and a package that does not grow (5,900 lines
+  README of at most 300 lines, the depth in docs/; and a package that does not grow (5,720 lines
   today, against the 4,600 its redesign aimed at: what is left is features and their guarantees)."""
   files = _package_files()
-  assert sum(map(_lines, files)) <= 5900
+  assert sum(map(_lines, files)) <= 5720
   core = ('model', 'metrics', 'steps', 'programs', 'plan', 'loop')
   assert sum(_lines(os.path.join(ROOT, 'fmnist_jax', f'{m}.py')) for m in core) <= 1000
   assert len(glob.glob(os.path.join(ROOT, 'fmnist_jax', '*.py'))) <= 20
